@@ -1,0 +1,227 @@
+"""The rate limiter: which limits apply to a request, and what the storage says about them.
+
+Storage-agnostic and protocol-agnostic: servers translate wire messages into these calls.
+`descriptors` is a list of string maps, one per Envoy RLS descriptor (the HTTP API's `values` is
+`descriptors[0]`), bound as CEL `descriptors` when conditions and variables are evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ratelimit.counters import Counter, CounterStatus
+from ratelimit.limits import Limit
+from ratelimit.storage.base import CounterSet, Storage
+
+# Input bounds: a request beyond these is a mistake or an attack, never a real gateway call.
+MAX_DESCRIPTORS = 64
+MAX_ENTRIES = 64
+MAX_KEY_LENGTH = 256
+MAX_VALUE_LENGTH = 4096
+MAX_DELTA = 2**32 - 1  # Envoy's request-level hits_addend is a uint32; tokens per request fit easily
+MAX_RESERVATION_TTL = 24 * 3600.0
+
+# Distinct descriptor sets whose applicable counters are remembered; cleared when full or on reload.
+_MEMO_SIZE = 1 << 16
+
+Descriptors = Sequence[Mapping[str, str]]
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses: names the field and why. Servers map it to 400 / INVALID_ARGUMENT."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(slots=True)
+class Decision:
+    limited: bool
+    limited_by: Limit | None = None
+    counters: list[CounterStatus] = field(default_factory=list)
+    reservation_id: str | None = None
+    reservation_held: bool | None = None
+    """For commit: whether the reservation was still held (False when it had expired or was unknown)."""
+
+    def rate_limit_headers(self) -> dict[str, str]:
+        """Draft-03 `X-RateLimit-*` headers in Limitador's format, from the counter with least left."""
+        if not self.counters:
+            return {}
+        ordered = sorted(self.counters, key=lambda status: status.remaining)
+        tightest = ordered[0]
+        windows = []
+        for status in ordered:
+            entry = f"{status.limit.max_value};w={status.limit.seconds}"
+            if status.limit.name:
+                entry += f';name="{status.limit.name}"'
+            windows.append(entry)
+        return {
+            "X-RateLimit-Limit": ", ".join([str(tightest.limit.max_value), *windows]),
+            "X-RateLimit-Remaining": str(tightest.remaining),
+            "X-RateLimit-Reset": str(int(tightest.expires_in + 0.999)),
+        }
+
+
+class RateLimiter:
+    def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
+        self.storage = storage
+        self._limits_by_namespace: dict[str, tuple[Limit, ...]] = {}
+        self._memo: dict[tuple, CounterSet] = {}
+        self.configure_with(limits)
+
+    # -- configuration ---------------------------------------------------------------------------
+
+    def configure_with(self, limits: Iterable[Limit]) -> None:
+        """Replace the limits. Counters of limits whose identity is unchanged are kept."""
+        by_namespace: dict[str, dict[tuple, Limit]] = {}
+        for limit in limits:
+            by_namespace.setdefault(limit.namespace, {}).setdefault(limit.identity, limit)
+        flat = [limit for group in by_namespace.values() for limit in group.values()]
+        self.storage.configure(flat)
+        self._limits_by_namespace = {ns: tuple(group.values()) for ns, group in by_namespace.items()}
+        self._memo = {}
+
+    @property
+    def namespaces(self) -> list[str]:
+        return sorted(self._limits_by_namespace)
+
+    def get_limits(self, namespace: str) -> list[Limit]:
+        return list(self._limits_by_namespace.get(namespace, ()))
+
+    def all_limits(self) -> list[Limit]:
+        return [limit for group in self._limits_by_namespace.values() for limit in group]
+
+    # -- which counters a request touches ---------------------------------------------------------
+
+    def counters_for(self, namespace: str, descriptors: Descriptors) -> CounterSet:
+        """The counters of every limit in the namespace that applies to these descriptors.
+
+        Conditions and variables are pure functions of the descriptors, so the answer is memoized by
+        the descriptors' content; validation runs only when the content is new.
+        """
+        try:
+            key = (namespace, *[tuple(d.items()) for d in descriptors])
+        except AttributeError:
+            raise InvalidRequest("descriptors", "must be a list of maps of string to string") from None
+        found = self._memo.get(key)
+        if found is None:
+            _validate_descriptors(descriptors)
+            found = CounterSet(self._resolve(namespace, descriptors))
+            if len(self._memo) >= _MEMO_SIZE:
+                self._memo = {}
+            self._memo[key] = found
+        return found
+
+    def _resolve(self, namespace: str, descriptors: Descriptors) -> tuple[Counter, ...]:
+        counters = []
+        for limit in self._limits_by_namespace.get(namespace, ()):
+            binding = limit.cel_binding
+            if not all(predicate.test(descriptors, binding) for predicate in limit.predicates):
+                continue
+            values = []
+            for expression in limit.expressions:
+                value = expression.evaluate(descriptors, binding)
+                if value is None:  # an unresolvable variable means the limit does not apply
+                    break
+                values.append(value)
+            else:
+                counters.append(Counter(limit, tuple(values)))
+        return tuple(counters)
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    async def check(self, namespace: str, descriptors: Descriptors, delta: int = 1) -> Decision:
+        """Read-only: within limits while every counter has room for `delta` (0 counts as 1: a pure
+        check passes while any budget is left)."""
+        counters = self.counters_for(namespace, descriptors)
+        answer = await self.storage.is_within_limits(counters, max(1, _checked_delta(delta)))
+        return _decision(answer)
+
+    async def report(self, namespace: str, descriptors: Descriptors, delta: int) -> Decision:
+        """Charge `delta` to every applicable counter, even past the limit (the overshoot is kept)."""
+        counters = self.counters_for(namespace, descriptors)
+        answer = await self.storage.update_counters(counters, _checked_delta(delta))
+        return Decision(False, None, answer.counters)
+
+    async def check_and_report(
+        self, namespace: str, descriptors: Descriptors, delta: int = 1, load_counters: bool = False
+    ) -> Decision:
+        """Atomically: limited (charging nothing) if any counter lacks room for `delta`, else charge all."""
+        counters = self.counters_for(namespace, descriptors)
+        answer = await self.storage.check_and_update(counters, _checked_delta(delta), load_counters)
+        return _decision(answer)
+
+    async def check_and_report_many(
+        self, namespace: str, requests: Sequence[Descriptors], deltas: Sequence[int] | np.ndarray
+    ) -> np.ndarray:
+        """`check_and_report` for many requests in order (each atomic); True where limited."""
+        delta_array = np.asarray(deltas, dtype=np.int64)
+        if delta_array.shape != (len(requests),):
+            raise InvalidRequest("deltas", f"expected {len(requests)} deltas, got shape {delta_array.shape}")
+        if len(delta_array) and (delta_array.min() < 0 or delta_array.max() > MAX_DELTA):
+            raise InvalidRequest("deltas", f"every delta must be between 0 and {MAX_DELTA}")
+        sets = [self.counters_for(namespace, descriptors) for descriptors in requests]
+        return await self.storage.check_and_update_batch(sets, delta_array)
+
+    async def reserve(self, namespace: str, descriptors: Descriptors, amount: int, ttl_seconds: float) -> Decision:
+        """Hold `amount` on every counter if it fits; the decision carries the reservation id."""
+        if not 0 < ttl_seconds <= MAX_RESERVATION_TTL:
+            raise InvalidRequest("ttl", f"must be more than 0 and at most {MAX_RESERVATION_TTL:g} seconds")
+        counters = self.counters_for(namespace, descriptors)
+        answer = await self.storage.reserve(counters, _checked_delta(amount), ttl_seconds)
+        decision = _decision(answer)
+        decision.reservation_id = answer.reservation_id
+        return decision
+
+    async def commit(self, namespace: str, descriptors: Descriptors, reservation_id: str, actual: int) -> Decision:
+        """Replace a reservation by the amount really used. The amount is charged even when the
+        reservation has expired meanwhile: tokens spent are never lost."""
+        if not reservation_id or len(reservation_id) > MAX_KEY_LENGTH:
+            raise InvalidRequest("reservation_id", "must be a non-empty id from reserve")
+        counters = self.counters_for(namespace, descriptors)
+        held, answer = await self.storage.commit(reservation_id, counters, _checked_delta(actual))
+        return Decision(False, None, answer.counters, reservation_id, held)
+
+    async def get_counters(self, namespace: str) -> list[CounterStatus]:
+        return await self.storage.get_counters(self.get_limits(namespace))
+
+
+def _decision(answer) -> Decision:  # type: ignore[no-untyped-def]
+    limited_by = answer.limited_by.limit if answer.limited_by is not None else None
+    return Decision(answer.limited, limited_by, answer.counters)
+
+
+def _checked_delta(delta: int) -> int:
+    if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)):
+        raise InvalidRequest("delta", f"must be a whole number, got {delta!r}")
+    if not 0 <= delta <= MAX_DELTA:
+        raise InvalidRequest("delta", f"must be between 0 and {MAX_DELTA}, got {delta}")
+    return int(delta)
+
+
+def _validate_descriptors(descriptors: Descriptors) -> None:
+    if len(descriptors) > MAX_DESCRIPTORS:
+        raise InvalidRequest("descriptors", f"{len(descriptors)} descriptors, at most {MAX_DESCRIPTORS} allowed")
+    for i, entries in enumerate(descriptors):
+        if len(entries) > MAX_ENTRIES:
+            raise InvalidRequest(f"descriptors[{i}]", f"{len(entries)} entries, at most {MAX_ENTRIES} allowed")
+        for key, value in entries.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidRequest(f"descriptors[{i}]", f"keys and values must be strings, got {key!r}: {value!r}")
+            if not key or len(key) > MAX_KEY_LENGTH:
+                raise InvalidRequest(f"descriptors[{i}]", f"key must be 1 to {MAX_KEY_LENGTH} characters, got {len(key)}")
+            if len(value) > MAX_VALUE_LENGTH:
+                raise InvalidRequest(
+                    f"descriptors[{i}][{key[:64]!r}]", f"value is {len(value)} characters, at most {MAX_VALUE_LENGTH}"
+                )
+            if not (key.isascii() and value.isascii()):
+                try:  # storages key counters by UTF-8 bytes; lone surrogates have none
+                    key.encode("utf-8")
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidRequest(f"descriptors[{i}]", "keys and values must be valid Unicode text") from None

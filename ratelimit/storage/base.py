@@ -1,0 +1,79 @@
+"""What every counter storage provides. The engine talks to storages only through this interface.
+
+Every method decides over *all* counters of one request at once, so a storage can make the whole
+decision atomic (one numba kernel call under a lock in memory, one Lua script in Redis).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from ratelimit.counters import Authorization, Counter, CounterStatus
+from ratelimit.limits import Limit
+
+
+class CounterSet:
+    """The counters one kind of request touches, memoized by the engine per distinct descriptors.
+
+    `storage_handle` lets a storage remember how it finds these counters (for example their slots in
+    the memory table) between requests; only the storage reads or writes it.
+    """
+
+    __slots__ = ("counters", "storage_handle")
+
+    def __init__(self, counters: tuple[Counter, ...]) -> None:
+        self.counters = counters
+        self.storage_handle: object = None
+
+
+class Storage(ABC):
+    """Counters for the engine. Deltas are non-negative; a delta of 0 charges nothing."""
+
+    @abstractmethod
+    def configure(self, limits: Sequence[Limit]) -> None:
+        """Learn the current limits. Counters of limits whose identity is gone are deleted;
+        counters of limits whose identity stays are kept (their max_value may have changed)."""
+
+    @abstractmethod
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+        """Atomically: if any counter would exceed its limit after `delta` (counting reservations),
+        charge nothing and name it; otherwise charge every counter `delta`."""
+
+    @abstractmethod
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+        """Read-only: would `delta` more fit in every counter? Counters' states are always loaded."""
+
+    @abstractmethod
+    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+        """Charge every counter `delta` unconditionally (may overshoot). Counters' states are loaded."""
+
+    @abstractmethod
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+        """Atomically hold `amount` on every counter if it fits (value + reserved + amount <= max).
+        The answer carries a reservation id when admitted. The hold releases itself after the ttl."""
+
+    @abstractmethod
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+        """Release the reservation (if it is still held) and charge `actual` to the counters.
+        Returns whether the reservation was still held, and the counters' states."""
+
+    @abstractmethod
+    async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
+        """The live counters (current window not expired, or holding a reservation) of these limits."""
+
+    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
+        """Decide many requests in order, each as `check_and_update`; returns a bool array, True = limited.
+
+        The default runs them one by one; storages with a faster path override it.
+        """
+        limited = np.zeros(len(sets), dtype=np.bool_)
+        for i, counter_set in enumerate(sets):
+            answer = await self.check_and_update(counter_set, int(deltas[i]), False)
+            limited[i] = answer.limited
+        return limited
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""

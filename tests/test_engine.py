@@ -1,0 +1,201 @@
+"""The engine's promises, stated on the memory storage with a controllable clock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from ratelimit.counters import StorageFullError
+from ratelimit.engine import MAX_DELTA, InvalidRequest, RateLimiter
+from ratelimit.limits import Limit
+from ratelimit.storage.memory import MemoryStorage
+
+USER = ("descriptors[0]['user']",)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def limiter(*limits: Limit, capacity: int = 1000) -> tuple[RateLimiter, Clock]:
+    clock = Clock()
+    return RateLimiter(MemoryStorage(capacity=capacity, clock=clock), limits), clock
+
+
+def run(coroutine):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine)
+
+
+def alice(**extra: str) -> list[dict[str, str]]:
+    return [{"user": "alice", **extra}]
+
+
+def test_token_budget_admits_until_spent_and_a_limited_request_charges_nothing() -> None:
+    engine, _ = limiter(Limit("ns", 300, 300, (), USER))
+
+    async def scenario() -> list[bool]:
+        return [(await engine.check_and_report("ns", alice(), 100)).limited for _ in range(4)]
+
+    assert run(scenario()) == [False, False, False, True]
+    (status,) = run(engine.get_counters("ns"))
+    assert (status.value, status.remaining) == (300, 0)
+
+
+def test_overshooting_report_keeps_remaining_at_zero_and_shows_the_overshoot() -> None:
+    engine, _ = limiter(Limit("ns", 300, 300, (), USER))
+    run(engine.report("ns", alice(), 1000))
+    (status,) = run(engine.get_counters("ns"))
+    assert (status.remaining, status.overshoot, status.to_dict()["remaining"]) == (0, 700, 0)
+
+
+def test_stacked_limits_admit_the_tightest_and_charge_every_counter_only_when_admitted() -> None:
+    minute = Limit("ns", 5, 60, (), USER, name="minute")
+    hour = Limit("ns", 3, 3600, (), USER, name="hour")
+    engine, _ = limiter(minute, hour)
+
+    async def scenario() -> list[Limit | None]:
+        return [(await engine.check_and_report("ns", alice())).limited_by for _ in range(5)]
+
+    assert [limit.name if limit else None for limit in run(scenario())] == [None, None, None, "hour", "hour"]
+    used = {status.limit.name: status.value for status in run(engine.get_counters("ns"))}
+    assert used == {"minute": 3, "hour": 3}
+
+
+def test_window_restarts_after_its_seconds() -> None:
+    engine, clock = limiter(Limit("ns", 1, 60, (), USER))
+    assert not run(engine.check_and_report("ns", alice())).limited
+    assert run(engine.check_and_report("ns", alice())).limited
+    clock.now += 59.999
+    assert run(engine.check_and_report("ns", alice())).limited
+    clock.now += 0.001
+    assert not run(engine.check_and_report("ns", alice())).limited
+
+
+def test_check_is_read_only_and_passes_while_budget_is_left() -> None:
+    engine, _ = limiter(Limit("ns", 2, 60, (), USER))
+    assert not run(engine.check("ns", alice(), 0)).limited
+    run(engine.report("ns", alice(), 1))
+    assert not run(engine.check("ns", alice(), 0)).limited
+    run(engine.report("ns", alice(), 1))
+    assert run(engine.check("ns", alice(), 0)).limited
+    (status,) = run(engine.get_counters("ns"))
+    assert status.value == 2
+
+
+def test_unresolvable_variable_or_false_condition_means_the_limit_does_not_apply() -> None:
+    engine, _ = limiter(Limit("ns", 0, 60, ("descriptors[0]['model'] == 'm'",), USER))
+    assert not run(engine.check_and_report("ns", [{"user": "alice", "model": "other"}])).limited
+    assert not run(engine.check_and_report("ns", [{"model": "m"}])).limited
+    assert run(engine.check_and_report("ns", [{"user": "alice", "model": "m"}])).limited
+    assert not run(engine.check_and_report("unknown-namespace", alice())).limited
+
+
+def test_reservations_hold_budget_and_commit_replaces_them_by_the_actual_amount() -> None:
+    engine, clock = limiter(Limit("ns", 100, 300, (), USER))
+    first = run(engine.reserve("ns", alice(), 60, ttl_seconds=30))
+    assert first.reservation_id and not first.limited
+    second = run(engine.reserve("ns", alice(), 60, ttl_seconds=30))
+    assert second.limited and second.reservation_id is None
+    committed = run(engine.commit("ns", alice(), first.reservation_id, 25))
+    assert committed.reservation_held
+    assert [(s.value, s.reserved, s.remaining) for s in committed.counters] == [(25, 0, 75)]
+    # An expired reservation releases itself; committing it later still charges what was used.
+    late = run(engine.reserve("ns", alice(), 70, ttl_seconds=10))
+    clock.now += 10
+    assert not run(engine.check_and_report("ns", alice(), 70)).limited
+    answer = run(engine.commit("ns", alice(), late.reservation_id, 5))
+    assert answer.reservation_held is False
+    assert [s.value for s in answer.counters] == [100]
+
+
+def test_rate_limit_headers_follow_limitadors_format() -> None:
+    engine, _ = limiter(Limit("ns", 5, 60, (), USER, name="minute"), Limit("ns", 3, 3600, (), USER))
+    decision = run(engine.check_and_report("ns", alice(), load_counters=True))
+    assert decision.rate_limit_headers() == {
+        "X-RateLimit-Limit": '3, 3;w=3600, 5;w=60;name="minute"',
+        "X-RateLimit-Remaining": "2",
+        "X-RateLimit-Reset": "3600",
+    }
+
+
+def test_64_threads_get_exactly_the_limit_admitted() -> None:
+    engine, _ = limiter(Limit("ns", 1000, 3600, (), ()))
+    admitted = []
+
+    def worker() -> None:
+        async def calls() -> int:
+            return sum([not (await engine.check_and_report("ns", alice())).limited for _ in range(25)])
+
+        admitted.append(asyncio.run(calls()))
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(admitted) == 1000
+
+
+def test_batch_decides_like_one_call_after_another() -> None:
+    limits = (Limit("ns", 7, 60, (), USER), Limit("ns", 11, 60, ("descriptors[0]['model'] == 'a'",), ()))
+    batch_engine, _ = limiter(*limits)
+    single_engine, _ = limiter(*limits)
+    rng = np.random.default_rng(7)
+    requests = [[{"user": f"u{rng.integers(4)}", "model": "ab"[rng.integers(2)]}] for _ in range(300)]
+    deltas = rng.integers(0, 3, size=300)
+    batch = run(batch_engine.check_and_report_many("ns", requests, deltas))
+
+    async def one_by_one() -> list[bool]:
+        return [(await single_engine.check_and_report("ns", r, int(d))).limited for r, d in zip(requests, deltas)]
+
+    assert batch.tolist() == run(one_by_one())
+
+
+def test_full_table_answers_a_clear_error_and_reuses_expired_rows() -> None:
+    engine, clock = limiter(Limit("ns", 5, 60, (), USER), capacity=2)
+    run(engine.report("ns", [{"user": "a"}], 1))
+    run(engine.report("ns", [{"user": "b"}], 1))
+    with pytest.raises(StorageFullError, match="full"):
+        run(engine.report("ns", [{"user": "c"}], 1))
+    clock.now += 60
+    run(engine.report("ns", [{"user": "c"}], 1))
+    assert [s.counter.values for s in run(engine.get_counters("ns"))] == [("c",)]
+
+
+@pytest.mark.parametrize(
+    ("descriptors", "delta", "field"),
+    [
+        ([{}] * 65, 1, "descriptors"),
+        ([{f"k{i}": "v" for i in range(65)}], 1, "descriptors[0]"),
+        ([{"k" * 257: "v"}], 1, "descriptors[0]"),
+        ([{"k": "v" * 4097}], 1, "descriptors[0]['k']"),
+        ([{"k": 5}], 1, "descriptors[0]"),
+        ([{"k": "\ud800"}], 1, "descriptors[0]"),
+        (["not a map"], 1, "descriptors"),
+        ([{"k": "v"}], -1, "delta"),
+        ([{"k": "v"}], MAX_DELTA + 1, "delta"),
+        ([{"k": "v"}], 2**64 - 1, "delta"),
+    ],
+)
+def test_out_of_bounds_input_is_refused_naming_the_field(descriptors, delta, field) -> None:  # type: ignore[no-untyped-def]
+    engine, _ = limiter(Limit("ns", 5, 60, (), USER))
+    with pytest.raises(InvalidRequest) as caught:
+        run(engine.check_and_report("ns", descriptors, delta))
+    assert caught.value.field == field
+
+
+def test_reload_keeps_counters_of_unchanged_identity_and_drops_removed_ones() -> None:
+    minute = Limit("ns", 5, 60, (), USER)
+    burst = Limit("ns", 50, 10, (), ())
+    engine, _ = limiter(minute, burst)
+    run(engine.report("ns", alice(), 4))
+    engine.configure_with([Limit("ns", 10, 60, (), USER, name="raised")])
+    (status,) = run(engine.get_counters("ns"))
+    assert (status.limit.name, status.value, status.remaining) == ("raised", 4, 6)

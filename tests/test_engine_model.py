@@ -1,0 +1,149 @@
+"""The engine over the memory storage behaves exactly like the plain reference model.
+
+A hypothesis state machine sends random decisions, reports, reservations, commits, reloads and clock
+jumps to both and compares every answer and every live counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from ratelimit.engine import RateLimiter
+from ratelimit.limits import Limit
+from ratelimit.storage.memory import MemoryStorage
+from tests.reference_model import ModelAnswer, ReferenceModel
+
+NS = "maas/model"
+PER_USER_MINUTE = Limit(NS, 5, 60, ("descriptors[0]['model'] == 'a'",), ("descriptors[0]['user']",), name="minute")
+PER_USER_HOUR = Limit(NS, 9, 3600, (), ("descriptors[0]['user']",), name="hour")
+GLOBAL_BURST = Limit(NS, 12, 10, (), (), name="burst")
+MODEL_B = Limit(NS, 7, 30, ("descriptors[0]['model'] == 'b'",), ("descriptors[0]['user']", "descriptors[0]['model']"))
+OTHER_NS = Limit("other", 2, 5, (), ("descriptors[0]['user']",))
+
+users = st.sampled_from(["alice", "bob", "carol"])
+models = st.sampled_from(["a", "b", "c"])
+small = st.integers(min_value=0, max_value=6)
+
+
+class EngineMatchesModel(RuleBasedStateMachine):
+    reservations = Bundle("reservations")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now_ms = 1_000_000
+        # A tiny capacity makes the storage reuse rows of expired counters all the time.
+        self.storage = MemoryStorage(capacity=6, clock=lambda: self.now_ms / 1000)
+        self.limits = [PER_USER_MINUTE, PER_USER_HOUR, GLOBAL_BURST, MODEL_B, OTHER_NS]
+        self.engine = RateLimiter(self.storage, self.limits)
+        self.model = ReferenceModel()
+        self.model.configure(self.limits)
+        self.loop = asyncio.new_event_loop()
+        self.next_id = 0
+
+    def teardown(self) -> None:
+        self.loop.close()
+
+    def run(self, coroutine):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coroutine)
+
+    def request(self, user: str, model: str, namespace: str = NS) -> tuple[list[dict[str, str]], list[tuple]]:
+        descriptors = [{"user": user, "model": model}]
+        return descriptors, self.model.keys_for(namespace, descriptors)
+
+    def compare(self, decision, expected: ModelAnswer) -> None:  # type: ignore[no-untyped-def]
+        limited_by = decision.limited_by.identity if decision.limited_by is not None else None
+        assert limited_by == expected.limited_by
+        assert states_of(decision.counters) == expected.states
+
+    def storage_full(self, keys: list[tuple]) -> bool:
+        """A capacity-6 table may be full of live counters; then the model's answer is not comparable."""
+        live = set(self.model.live_counters(NS, self.now_ms)) | set(self.model.live_counters("other", self.now_ms))
+        return len(live | set(keys)) > self.storage.capacity
+
+    @rule(ms=st.integers(min_value=0, max_value=70_000))
+    def time_passes(self, ms: int) -> None:
+        self.now_ms += ms
+
+    @rule(user=users, model=models, delta=small)
+    def check_and_report(self, user: str, model: str, delta: int) -> None:
+        descriptors, keys = self.request(user, model)
+        if self.storage_full(keys):
+            return
+        decision = self.run(self.engine.check_and_report(NS, descriptors, delta, load_counters=True))
+        self.compare(decision, self.model.check_and_report(keys, delta, self.now_ms))
+
+    @rule(user=users, model=models, delta=small)
+    def check(self, user: str, model: str, delta: int) -> None:
+        descriptors, keys = self.request(user, model)
+        decision = self.run(self.engine.check(NS, descriptors, delta))
+        self.compare(decision, self.model.check(keys, delta, self.now_ms))
+
+    @rule(user=users, model=models, delta=st.integers(min_value=0, max_value=20))
+    def report(self, user: str, model: str, delta: int) -> None:
+        descriptors, keys = self.request(user, model)
+        if self.storage_full(keys):
+            return
+        decision = self.run(self.engine.report(NS, descriptors, delta))
+        self.compare(decision, self.model.report(keys, delta, self.now_ms))
+
+    @rule(user=users)
+    def other_namespace(self, user: str) -> None:
+        descriptors, keys = self.request(user, "a", "other")
+        if self.storage_full(keys):
+            return
+        decision = self.run(self.engine.check_and_report("other", descriptors, 1, load_counters=True))
+        self.compare(decision, self.model.check_and_report(keys, 1, self.now_ms))
+
+    @rule(target=reservations, user=users, model=models, amount=small, ttl_ms=st.integers(1, 90_000))
+    def reserve(self, user: str, model: str, amount: int, ttl_ms: int):  # type: ignore[no-untyped-def]
+        descriptors, keys = self.request(user, model)
+        if self.storage_full(keys):
+            return (None, user, model)
+        decision = self.run(self.engine.reserve(NS, descriptors, amount, ttl_ms / 1000))
+        expected = self.model.reserve(decision.reservation_id or "", keys, amount, ttl_ms, self.now_ms)
+        self.compare(decision, expected)
+        assert (decision.reservation_id is not None) == (expected.limited_by is None)
+        return (decision.reservation_id, user, model)
+
+    @rule(reservation=consumes(reservations), actual=st.integers(0, 8))
+    def commit(self, reservation: tuple, actual: int) -> None:
+        reservation_id, user, model = reservation
+        if reservation_id is None:
+            return
+        descriptors, keys = self.request(user, model)
+        if self.storage_full(keys):
+            return
+        decision = self.run(self.engine.commit(NS, descriptors, reservation_id, actual))
+        held, expected = self.model.commit(reservation_id, keys, actual, self.now_ms)
+        assert decision.reservation_held == held
+        self.compare(decision, expected)
+
+    @rule(max_value=st.integers(0, 10), drop_burst=st.booleans())
+    def reload(self, max_value: int, drop_burst: bool) -> None:
+        """A new max_value keeps the minute counters; dropping the burst limit deletes its counters."""
+        minute = Limit(NS, max_value, 60, PER_USER_MINUTE.conditions, PER_USER_MINUTE.variables, name="minute")
+        self.limits = [minute, PER_USER_HOUR, MODEL_B, OTHER_NS] + ([] if drop_burst else [GLOBAL_BURST])
+        self.engine.configure_with(self.limits)
+        self.model.configure(self.limits)
+
+    @invariant()
+    def live_counters_match(self) -> None:
+        for namespace in (NS, "other"):
+            counters = self.run(self.engine.get_counters(namespace))
+            assert states_of(counters) == self.model.live_counters(namespace, self.now_ms)
+            for status in counters:
+                assert 0 <= status.remaining <= status.limit.max_value
+
+
+def states_of(statuses) -> dict[tuple, tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+    return {
+        (s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved) for s in statuses
+    }
+
+
+EngineMatchesModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestEngineMatchesModel = EngineMatchesModel.TestCase
