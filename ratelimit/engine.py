@@ -17,6 +17,7 @@ from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage
 
 # Input bounds: a request beyond these is a mistake or an attack, never a real gateway call.
+MAX_NAMESPACE_LENGTH = 4096
 MAX_DESCRIPTORS = 64
 MAX_ENTRIES = 64
 MAX_KEY_LENGTH = 256
@@ -110,6 +111,8 @@ class RateLimiter:
             raise InvalidRequest("descriptors", "must be a list of maps of string to string") from None
         found = self._memo.get(key)
         if found is None:
+            if not isinstance(namespace, str) or len(namespace) > MAX_NAMESPACE_LENGTH:
+                raise InvalidRequest("namespace", f"must be a string of at most {MAX_NAMESPACE_LENGTH} characters")
             _validate_descriptors(descriptors)
             found = CounterSet(self._resolve(namespace, descriptors))
             if len(self._memo) >= _MEMO_SIZE:
@@ -171,9 +174,9 @@ class RateLimiter:
     async def reserve(self, namespace: str, descriptors: Descriptors, amount: int, ttl_seconds: float) -> Decision:
         """Hold `amount` on every counter if it fits; the decision carries the reservation id."""
         if not 0 < ttl_seconds <= MAX_RESERVATION_TTL:
-            raise InvalidRequest("ttl", f"must be more than 0 and at most {MAX_RESERVATION_TTL:g} seconds")
+            raise InvalidRequest("ttl_seconds", f"must be more than 0 and at most {MAX_RESERVATION_TTL:g} seconds")
         counters = self.counters_for(namespace, descriptors)
-        answer = await self.storage.reserve(counters, _checked_delta(amount), ttl_seconds)
+        answer = await self.storage.reserve(counters, _checked_delta(amount, "amount"), ttl_seconds)
         decision = _decision(answer)
         decision.reservation_id = answer.reservation_id
         return decision
@@ -184,7 +187,7 @@ class RateLimiter:
         if not reservation_id or len(reservation_id) > MAX_KEY_LENGTH:
             raise InvalidRequest("reservation_id", "must be a non-empty id from reserve")
         counters = self.counters_for(namespace, descriptors)
-        held, answer = await self.storage.commit(reservation_id, counters, _checked_delta(actual))
+        held, answer = await self.storage.commit(reservation_id, counters, _checked_delta(actual, "actual"))
         return Decision(False, None, answer.counters, reservation_id, held)
 
     async def get_counters(self, namespace: str) -> list[CounterStatus]:
@@ -196,11 +199,11 @@ def _decision(answer) -> Decision:  # type: ignore[no-untyped-def]
     return Decision(answer.limited, limited_by, answer.counters)
 
 
-def _checked_delta(delta: int) -> int:
+def _checked_delta(delta: int, field_name: str = "delta") -> int:
     if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)):
-        raise InvalidRequest("delta", f"must be a whole number, got {delta!r}")
+        raise InvalidRequest(field_name, f"must be a whole number, got {delta!r}")
     if not 0 <= delta <= MAX_DELTA:
-        raise InvalidRequest("delta", f"must be between 0 and {MAX_DELTA}, got {delta}")
+        raise InvalidRequest(field_name, f"must be between 0 and {MAX_DELTA}, got {delta}")
     return int(delta)
 
 

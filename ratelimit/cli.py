@@ -1,0 +1,291 @@
+"""`ratelimit`: Limitador's command line.
+
+    ratelimit serve [OPTIONS] [LIMITS_FILE] [memory [-c N]]
+    ratelimit validate [LIMITS_FILE]
+    ratelimit [OPTIONS] LIMITS_FILE [memory]     (Limitador's own form, for drop-in images)
+
+Options also come from Limitador's environment variables; the command line wins over the
+environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ratelimit.limits import LimitsError, dump_limits, load_limits_file
+from ratelimit.server.app import RATE_LIMIT_HEADER_MODES, STORAGES, ServiceConfig, ServerError, run_service
+from ratelimit.sources.limits_file import DEFAULT_INTERVAL
+
+T = TypeVar("T")
+
+COMMANDS = ("serve", "validate")
+
+# Limitador's storage words. Only those in STORAGES can be served; the others are recognised so that
+# a Limitador command line gets a clear "not supported yet" rather than "no such file".
+STORAGE_WORDS = ("memory", "disk", "redis", "redis_cached", "distributed")
+
+# `-v` count -> log level, as Limitador maps it (no -v: errors only; -vvvv: trace).
+LOG_LEVELS = ("error", "warning", "info", "debug", "trace")
+
+# Served when no LIMITS_FILE is given: the tier demo, examples/tiers.yaml, shipped as package data
+# (a symlink in the checkout, a copy in a built wheel).
+DEFAULT_LIMITS_FILE = Path(__file__).resolve().parent / "default_limits.yaml"
+
+ENVIRONMENT_HELP = """\
+environment variables (the command line overrides them):
+  LIMITS_FILE                          LIMITS_FILE
+  HTTP_API_HOST, HTTP_API_PORT         -B/--http-ip, -P/--http-port
+  ENVOY_RLS_HOST, ENVOY_RLS_PORT       -b/--rls-ip, -p/--rls-port
+  RATE_LIMIT_HEADERS                   -H/--rate-limit-headers
+  LIMIT_NAME_IN_PROMETHEUS_LABELS=1    -l/--limit-name-in-labels
+  RATELIMIT_API_TOKEN                  --api-token (prefer the variable: arguments show in `ps`)
+  RATELIMIT_RELOAD_INTERVAL            --reload-interval
+"""
+
+
+@dataclass(frozen=True)
+class Validate:
+    """`ratelimit validate FILE` or `serve --validate`: print the normalized limits and exit."""
+
+    limits_file: str
+
+
+@dataclass(frozen=True)
+class Serve:
+    config: ServiceConfig
+    used_default_limits: bool
+
+
+# -- value parsers: shared by the command line and the environment --------------------------------
+
+
+def _number(text: str, kind: type[T]) -> T:
+    try:
+        return kind(text)  # type: ignore[call-arg]
+    except ValueError:
+        raise ValueError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+
+
+def _port(text: str) -> int:
+    port = _number(text, int)
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    return port
+
+
+def _header_mode(text: str) -> str:
+    if text not in RATE_LIMIT_HEADER_MODES:
+        raise ValueError(f"must be one of {', '.join(RATE_LIMIT_HEADER_MODES)}, got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a finite number more than 0, got {text}")
+    return value
+
+
+def _flag(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type that reports the parser's own message instead of 'invalid value'."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__.strip("_")
+    return convert
+
+
+# -- parsers ----------------------------------------------------------------------------------------
+
+
+def _limits_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "limits_file", nargs="?", metavar="LIMITS_FILE",
+        help=f"Limitador limits YAML (env LIMITS_FILE; default: the example {DEFAULT_LIMITS_FILE.name})",
+    )
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for --help) and one parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="ratelimit",
+        description="Limitador-compatible token rate-limiting service.",
+        epilog="Without a command, arguments are read as `serve` ones (Limitador's command line).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    serve = commands.add_parser(
+        "serve", help="run the HTTP API (and the gRPC servers) with hot-reloaded limits",
+        usage="%(prog)s [OPTIONS] [LIMITS_FILE] [memory [-c N]]", epilog=ENVIRONMENT_HELP, formatter_class=formatter,
+    )
+    _limits_file_argument(serve)
+    serve.add_argument(
+        "storage", nargs="*", metavar="STORAGE",
+        help="memory (default). Recognised, not supported yet: disk, redis, redis_cached, distributed",
+    )
+    serve.add_argument("-B", "--http-ip", metavar="IP", help="HTTP API address (env HTTP_API_HOST; default 0.0.0.0)")
+    serve.add_argument("-P", "--http-port", metavar="PORT", type=_argument_type(_port),
+                       help="HTTP API port (env HTTP_API_PORT; default 8080)")
+    serve.add_argument("-b", "--rls-ip", metavar="IP", help="gRPC address (env ENVOY_RLS_HOST; default 0.0.0.0)")
+    serve.add_argument("-p", "--rls-port", metavar="PORT", type=_argument_type(_port),
+                       help="gRPC port (env ENVOY_RLS_PORT; default 8081)")
+    serve.add_argument("-H", "--rate-limit-headers", metavar="MODE", type=_argument_type(_header_mode),
+                       help="NONE or DRAFT_VERSION_03 (env RATE_LIMIT_HEADERS; default NONE)")
+    serve.add_argument("-l", "--limit-name-in-labels", action="store_const", const=True,
+                       help="add limit_name to the limited_calls metric (env LIMIT_NAME_IN_PROMETHEUS_LABELS=1)")
+    serve.add_argument("--api-token", metavar="TOKEN",
+                       help="require `Authorization: Bearer TOKEN` on the HTTP API but /status and /metrics "
+                            "(env RATELIMIT_API_TOKEN)")
+    serve.add_argument("-c", "--cache", metavar="N", type=_argument_type(_positive_int),
+                       help="memory storage: at most N counters")
+    serve.add_argument("--reload-interval", metavar="SECONDS", type=_argument_type(_positive_float),
+                       help=f"how often the limits file is checked (env RATELIMIT_RELOAD_INTERVAL; "
+                            f"default {DEFAULT_INTERVAL:g})")
+    serve.add_argument("-v", dest="verbosity", action="count", default=0,
+                       help="more logging: -v warnings, -vv info, -vvv debug, -vvvv trace")
+    serve.add_argument("--validate", action="store_true",
+                       help="print the normalized limits and exit: 0 if valid, 1 if not")
+
+    validate = commands.add_parser(
+        "validate", help="check a limits file and print it normalized (exit 1 on error)",
+        description="Parse LIMITS_FILE, print its limits as normalized YAML and exit 0, "
+                    "or print the error (file, line, field) and exit 1.",
+    )
+    _limits_file_argument(validate)
+    return parser, {"serve": serve, "validate": validate}
+
+
+def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Validate:
+    """What to do. Usage errors exit 2 through argparse, with the usage line."""
+    parser, commands = build_parsers()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help(sys.stderr if not argv else sys.stdout)
+        raise SystemExit(2 if not argv else 0)
+    command, rest = (argv[0], list(argv[1:])) if argv[0] in COMMANDS else ("serve", list(argv))
+    sub = commands[command]
+    # Intermixed parsing lets options sit anywhere, e.g. `serve limits.yaml memory -c 100 -vv`.
+    args = sub.parse_intermixed_args(rest)
+    storage = getattr(args, "storage", [])
+    if args.limits_file in STORAGE_WORDS:
+        # `serve memory -c 100` with LIMITS_FILE from the environment: the word is the storage.
+        storage = [args.limits_file, *storage]
+        args.limits_file = None
+
+    def setting(value: T | None, name: str, parse: Callable[[str], T], default: T) -> T:
+        if value is not None:
+            return value
+        raw = env.get(name, "")
+        if raw == "":
+            return default
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            sub.error(f"environment variable {name}={raw!r}: {exc}")
+
+    limits_file = setting(args.limits_file, "LIMITS_FILE", str, "")
+    used_default = not limits_file
+    if used_default:
+        if not DEFAULT_LIMITS_FILE.is_file():
+            sub.error(f"LIMITS_FILE is required (the embedded default {DEFAULT_LIMITS_FILE} is missing)")
+        limits_file = str(DEFAULT_LIMITS_FILE)
+    if command == "validate" or args.validate:
+        return Validate(limits_file)
+
+    storage_name = _storage(sub, storage, args.cache)
+    config = ServiceConfig(
+        limits_file=limits_file,
+        http_ip=setting(args.http_ip, "HTTP_API_HOST", str, "0.0.0.0"),
+        http_port=setting(args.http_port, "HTTP_API_PORT", _port, 8080),
+        rls_ip=setting(args.rls_ip, "ENVOY_RLS_HOST", str, "0.0.0.0"),
+        rls_port=setting(args.rls_port, "ENVOY_RLS_PORT", _port, 8081),
+        storage=storage_name,
+        cache_size=args.cache,
+        rate_limit_headers=setting(args.rate_limit_headers, "RATE_LIMIT_HEADERS", _header_mode, "NONE"),
+        limit_name_in_labels=setting(args.limit_name_in_labels, "LIMIT_NAME_IN_PROMETHEUS_LABELS", _flag, False),
+        api_token=setting(args.api_token, "RATELIMIT_API_TOKEN", str, None),
+        log_level=LOG_LEVELS[min(args.verbosity, len(LOG_LEVELS) - 1)],
+        reload_interval=setting(args.reload_interval, "RATELIMIT_RELOAD_INTERVAL", _positive_float, DEFAULT_INTERVAL),
+    )
+    return Serve(config, used_default)
+
+
+def _storage(parser: argparse.ArgumentParser, words: Sequence[str], cache: int | None) -> str:
+    """The storage from `[memory]` / `[redis URL]` ...: memory is the only one served for now."""
+    if not words:
+        return "memory"
+    name, *rest = words
+    if name not in STORAGE_WORDS:
+        parser.error(f"unknown storage {name!r}; expected one of {', '.join(STORAGE_WORDS)}")
+    if name not in STORAGES:
+        parser.error(f"storage {name!r} is not supported yet; use {' or '.join(STORAGES)}")
+    if rest:
+        parser.error(f"unexpected arguments after {name!r}: {' '.join(rest)}")
+    return name
+
+
+# -- commands ---------------------------------------------------------------------------------------
+
+
+def validate(limits_file: str) -> int:
+    try:
+        limits = load_limits_file(limits_file)
+    except LimitsError as exc:
+        print(f"invalid limits file: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(dump_limits(limits))
+    return 0
+
+
+def serve(command: Serve) -> int:
+    level = command.config.log_level.upper()
+    logging.basicConfig(
+        level=logging.DEBUG if level == "TRACE" else level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if command.used_default_limits:
+        # Said on stderr whatever the log level: nobody should be surprised by which limits apply.
+        print(f"ratelimit: no LIMITS_FILE given, serving the example {command.config.limits_file}", file=sys.stderr)
+    try:
+        asyncio.run(run_service(command.config))
+    except LimitsError as exc:
+        print(f"ratelimit: cannot start, invalid limits file: {exc}", file=sys.stderr)
+        return 1
+    except ServerError as exc:
+        print(f"ratelimit: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command = parse_command(sys.argv[1:] if argv is None else argv, os.environ)
+    if isinstance(command, Validate):
+        return validate(command.limits_file)
+    return serve(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

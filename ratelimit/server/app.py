@@ -1,0 +1,180 @@
+"""The service process: the HTTP API, the gRPC servers and the limits-file watcher on one event loop.
+
+Everything shares one Service (engine, metrics, config status). SIGTERM / SIGINT stop every server
+gracefully (in-flight requests finish); a second signal forces them down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import uvicorn
+from fastapi import FastAPI
+
+from ratelimit.engine import RateLimiter
+from ratelimit.metrics import Metrics
+from ratelimit.server.http import create_http_app
+from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
+from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher
+from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
+
+logger = logging.getLogger(__name__)
+
+STORAGES = ("memory",)
+"""Storages run_service can build; the CLI recognises more words and refuses them."""
+
+RATE_LIMIT_HEADER_MODES = ("NONE", "DRAFT_VERSION_03")
+
+# uvicorn waits this long for in-flight requests after SIGTERM (Kubernetes grants 30 s by default).
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything `ratelimit serve` was told, after command line and environment were merged."""
+
+    limits_file: str
+    http_ip: str = "0.0.0.0"
+    http_port: int = 8080
+    rls_ip: str = "0.0.0.0"
+    """gRPC (Envoy RLS v3, Kuadrant RLS v1) address: parsed now, served once the gRPC server exists."""
+    rls_port: int = 8081
+    storage: str = "memory"
+    cache_size: int | None = None
+    """Memory storage capacity in counters (`memory -c N`); None means the storage's default."""
+    rate_limit_headers: str = "NONE"
+    limit_name_in_labels: bool = False
+    api_token: str | None = None
+    log_level: str = "error"
+    """A uvicorn log level name: critical, error, warning, info, debug or trace."""
+    reload_interval: float = DEFAULT_INTERVAL
+
+
+class ServerError(RuntimeError):
+    """A server could not start (port taken, address not available)."""
+
+
+class ManagedServer(Protocol):
+    """What run_service needs from each server it runs side by side."""
+
+    name: str
+
+    async def serve(self) -> None:
+        """Serve until stop() is called; raise ServerError when it cannot start."""
+
+    def stop(self, force: bool = False) -> None:
+        """Begin a graceful shutdown (or an immediate one when forced); serve() then returns."""
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn normally takes over SIGINT/SIGTERM and re-raises the signal after it stops, which would
+    kill the other servers on this loop mid-shutdown. run_service owns the signals instead."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    name = "HTTP API"
+
+    def __init__(self, app: FastAPI, host: str, port: int, log_level: str) -> None:
+        self.address = f"{host}:{port}"
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS
+        )
+        self._server = _EmbeddedUvicorn(config)
+
+    async def serve(self) -> None:
+        try:
+            await self._server.serve()
+        except SystemExit:
+            # uvicorn calls sys.exit(1) when it cannot bind; that must not unwind the shared loop.
+            raise ServerError(f"{self.name} could not start on {self.address} (see the log above)") from None
+
+    def stop(self, force: bool = False) -> None:
+        self._server.should_exit = True
+        self._server.force_exit = force
+
+
+def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
+    """The shared Service with the limits file loaded, and the watcher that keeps it loaded.
+
+    Raises LimitsError when the file is invalid: at startup there are no old limits to keep.
+    """
+    if config.storage not in STORAGES:
+        raise ValueError(f"storage {config.storage!r} is not supported yet; supported: {', '.join(STORAGES)}")
+    if config.rate_limit_headers not in RATE_LIMIT_HEADER_MODES:
+        raise ValueError(f"rate limit headers must be one of {', '.join(RATE_LIMIT_HEADER_MODES)}")
+    engine = RateLimiter(MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY))
+    status = ConfigStatus(source=config.limits_file)
+    watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval)
+    watcher.load()
+    options = ServiceOptions(
+        rate_limit_headers=config.rate_limit_headers == "DRAFT_VERSION_03", api_token=config.api_token
+    )
+    metrics = Metrics(limit_name_in_labels=config.limit_name_in_labels)
+    return Service(engine=engine, metrics=metrics, status=status, options=options), watcher
+
+
+def build_servers(service: Service, config: ServiceConfig) -> list[ManagedServer]:
+    servers: list[ManagedServer] = [
+        HttpServer(create_http_app(service), config.http_ip, config.http_port, config.log_level),
+    ]
+    # The gRPC server (Envoy RLS v3 + Kuadrant RLS v1, health, reflection) joins this list,
+    # listening on config.rls_ip:config.rls_port.
+    return servers
+
+
+async def run_service(config: ServiceConfig) -> None:
+    """Load the limits, then serve until SIGTERM / SIGINT. Raises LimitsError or ServerError."""
+    service, watcher = build_service(config)
+    try:
+        servers = build_servers(service, config)
+        logger.info(
+            "serving %d limits from %s; HTTP on %s:%d",
+            len(service.engine.all_limits()), config.limits_file, config.http_ip, config.http_port,
+        )
+        async with watcher:
+            await serve_until_signalled(servers)
+    finally:
+        await service.engine.storage.close()
+
+
+async def serve_until_signalled(servers: Sequence[ManagedServer]) -> None:
+    """Run the servers together until a signal arrives or one of them stops, then stop them all."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        force = stop_requested.is_set()  # a second signal: do not wait for in-flight requests
+        logger.warning("%s received, %s", signal.Signals(signum).name, "forcing shutdown" if force else "shutting down")
+        stop_requested.set()
+        for server in servers:
+            server.stop(force=force)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    tasks = [asyncio.create_task(server.serve(), name=server.name) for server in servers]
+    try:
+        # Whichever comes first: a signal (handled above), or a server ending on its own (failed to
+        # start, crashed): the service is only useful with all of its servers up.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:
+            server.stop()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    if errors:
+        raise errors[0]

@@ -1,0 +1,49 @@
+# Shared by scripts/serve and scripts/test.
+
+PYTHON=${PYTHON:-python3}
+
+# ensure_venv [extra]: .venv with the project installed (editable), plus an optional extra.
+ensure_venv() {
+  local extra=${1:-}
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "error: Python 3.11 or newer is needed as '$PYTHON' (set PYTHON=/path/to/python3.11)" >&2
+    exit 1
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv || {
+      echo "error: '$PYTHON -m venv' failed; on Debian: apt-get install python3-venv" >&2
+      exit 1
+    }
+  fi
+  local target="."
+  [ -n "$extra" ] && target=".[${extra}]"
+  # Re-install only when pyproject.toml changed since the last install into this venv.
+  local stamp=".venv/.installed-${extra:-base}"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -e "$target"
+    touch "$stamp"
+  fi
+}
+
+# ensure_system_programs program:debian-package ...: apt-get installs the packages whose program is missing.
+ensure_system_programs() {
+  local missing=() pair program package
+  for pair in "$@"; do
+    program=${pair%%:*}
+    package=${pair##*:}
+    if ! command -v "$program" >/dev/null 2>&1 && [[ ! " ${missing[*]} " =~ " ${package} " ]]; then
+      missing+=("$package")
+    fi
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing system packages the tests start for real: ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "error: the tests need these Debian packages, which are not installed: ${missing[*]}" >&2
+    echo "       install them (sudo apt-get install --no-install-recommends ${missing[*]}) and run again" >&2
+    exit 1
+  fi
+}

@@ -1,0 +1,170 @@
+"""Shared fixtures: the real service as a subprocess on free loopback ports.
+
+    def test_something(start_service):
+        service = start_service("examples/tiers.yaml")
+        service.http.get("/status")
+
+Every process started here is stopped at teardown (terminate, then kill), pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct ports nothing listens on right now: the kernel's picks for port 0, all held open
+    together so it cannot hand out the same one twice."""
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class ServiceProcess:
+    """`ratelimit serve` in a subprocess, with HTTP and gRPC on free loopback ports.
+
+    Output goes to a temporary file rather than a pipe: a chatty process can never block on a full
+    pipe, and `output()` shows it when a test fails.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self, limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.limits_file = None if limits_file is None else Path(limits_file)
+        """None: no LIMITS_FILE argument, so the service picks its default."""
+        self.http_port, self.rls_port = free_ports(2, self.host)
+        self.args: Sequence[str] = args
+        self.extra_env = dict(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] = tempfile.TemporaryFile()
+        self.url = f"http://{self.host}:{self.http_port}"
+        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "ratelimit.cli", "serve",
+            *([] if self.limits_file is None else [str(self.limits_file)]),
+            "-B", self.host, "-P", str(self.http_port), "-b", self.host, "-p", str(self.rls_port),
+            *self.args,
+        ]
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> ServiceProcess:
+        # Limitador's variables from the developer's shell must not leak into the test.
+        env = {k: v for k, v in os.environ.items() if k not in _SERVICE_VARIABLES}
+        env.update(self.extra_env)
+        self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while not self._answers_status():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"service did not answer /status within {timeout:g}s:\n{self.output()}")
+            time.sleep(0.05)
+        return self
+
+    def _answers_status(self) -> bool:
+        try:
+            return self.http.get("/status", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def status(self) -> dict:
+        response = self.http.get("/status")
+        response.raise_for_status()
+        return response.json()
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int | None:
+        """Signal it (SIGTERM, as Kubernetes does), kill it if it lingers; returns the exit code."""
+        self.http.close()
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return process.returncode
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+
+
+_SERVICE_VARIABLES = frozenset({
+    "LIMITS_FILE", "HTTP_API_HOST", "HTTP_API_PORT", "ENVOY_RLS_HOST", "ENVOY_RLS_PORT", "RATE_LIMIT_HEADERS",
+    "LIMIT_NAME_IN_PROMETHEUS_LABELS", "RATELIMIT_API_TOKEN", "RATELIMIT_RELOAD_INTERVAL",
+})
+
+
+@pytest.fixture
+def start_service(request: pytest.FixtureRequest) -> Iterator[Callable[..., ServiceProcess]]:
+    """Factory: `start_service(limits_file, *extra_args, env=None)` starts a service and returns it
+    once /status answers; every one started is stopped at teardown. On failure its output is shown."""
+    started: list[ServiceProcess] = []
+
+    def start(limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
+        service = ServiceProcess(limits_file, *args, env=env)
+        started.append(service)
+        return service.start()
+
+    yield start
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for service in started:
+        service.stop()
+        if failed:
+            sys.stderr.write(f"--- output of {' '.join(service.command)}\n{service.output()}\n")
+        service.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

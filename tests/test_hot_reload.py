@@ -1,0 +1,341 @@
+"""Hot reload of the limits file: every way a file gets replaced, bad files, counters kept.
+
+Most cases drive LimitsFileWatcher directly with a tiny poll interval (fast); one goes through the
+real service process and its /status and /limits endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ratelimit.engine import RateLimiter
+from ratelimit.limits import LimitsError
+from ratelimit.server.state import ConfigStatus
+from ratelimit.sources.limits_file import LimitsFileWatcher
+from ratelimit.storage.memory import MemoryStorage
+from tests.conftest import ServiceProcess, wait_until
+
+NAMESPACE = "llm-d-demo/qwen3-8b-kserve-route"
+USER = [{"auth.identity.userid": "charlie"}]
+POLL = 0.01
+TIMEOUT = 10.0
+
+
+def limits_yaml(max_value: int, seconds: int = 300, name: str = "freemium") -> str:
+    return (
+        f"- namespace: {NAMESPACE}\n"
+        f"  name: {name}\n"
+        f"  max_value: {max_value}\n"
+        f"  seconds: {seconds}\n"
+        f"  conditions: []\n"
+        f"  variables: [\"descriptors[0]['auth.identity.userid']\"]\n"
+    )
+
+
+BAD_YAML = f"- namespace: {NAMESPACE}\n  max_value: lots\n  seconds: 300\n"
+
+
+def max_values(engine: RateLimiter) -> list[int]:
+    return [limit.max_value for limit in engine.get_limits(NAMESPACE)]
+
+
+class Harness:
+    """An engine, its status and a watcher on `path`, loaded once as at startup."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.engine = RateLimiter(MemoryStorage(capacity=1024))
+        self.status = ConfigStatus(source=str(path))
+        self.watcher = LimitsFileWatcher(path, self.engine, self.status, interval=POLL)
+        self.watcher.load()
+
+    async def eventually(self, condition: Callable[[], bool], what: str) -> None:
+        """Let the watcher task run until `condition` holds."""
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}; status: {self.status}")
+            await asyncio.sleep(POLL)
+
+    def settle(self) -> None:
+        """Drive the watcher by hand (no task): enough polls to get past a fingerprint change."""
+        for _ in range(3):
+            self.watcher.poll()
+
+
+@pytest.fixture
+def limits_dir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """What editors, `kubectl cp`-style tools and config managers do: write a temp file, rename it."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+class ConfigMapVolume:
+    """The layout kubelet gives a mounted ConfigMap, and its update procedure (atomic_writer.go):
+
+        limits.yaml -> ..data/limits.yaml
+        ..data -> ..2026_11_22_14_00_00.000000001
+        ..2026_11_22_14_00_00.000000001/limits.yaml
+
+    An update writes a new timestamped directory, points a new `..data_tmp` symlink at it, renames
+    that over `..data`, then deletes the old directory. The file `limits.yaml` itself never changes.
+    """
+
+    def __init__(self, root: Path, text: str) -> None:
+        self.root = root
+        self.generation = 0
+        self.current = self._write_generation(text)
+        (root / "..data").symlink_to(self.current.name)
+        (root / "limits.yaml").symlink_to("..data/limits.yaml")
+
+    @property
+    def path(self) -> Path:
+        return self.root / "limits.yaml"
+
+    def _write_generation(self, text: str) -> Path:
+        self.generation += 1
+        directory = self.root / f"..2026_11_22_14_00_00.{self.generation:09d}"
+        directory.mkdir()
+        (directory / "limits.yaml").write_text(text)
+        return directory
+
+    def update(self, text: str) -> None:
+        old, self.current = self.current, self._write_generation(text)
+        (self.root / "..data_tmp").symlink_to(self.current.name)
+        os.replace(self.root / "..data_tmp", self.root / "..data")
+        (old / "limits.yaml").unlink()
+        old.rmdir()
+
+
+# -- each kind of replacement takes effect ------------------------------------------------------------
+
+
+def in_place(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("replace", [in_place, write_atomically], ids=["in-place write", "atomic rename"])
+def test_replacement_takes_effect(limits_dir: Path, replace: Callable[[Path, str], None]) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+
+    async def scenario() -> None:
+        async with harness.watcher:
+            replace(path, limits_yaml(3000))
+            await harness.eventually(lambda: max_values(harness.engine) == [3000], "the new max_value")
+
+    asyncio.run(scenario())
+    assert harness.status.config_version == 2
+    assert harness.status.config_err_since == 0
+
+
+def test_configmap_symlink_swap_takes_effect(limits_dir: Path) -> None:
+    volume = ConfigMapVolume(limits_dir, limits_yaml(300))
+    harness = Harness(volume.path)
+
+    async def scenario() -> None:
+        async with harness.watcher:
+            volume.update(limits_yaml(3000))
+            await harness.eventually(lambda: max_values(harness.engine) == [3000], "the first swap")
+            volume.update(limits_yaml(30000))
+            await harness.eventually(lambda: max_values(harness.engine) == [30000], "the second swap")
+
+    asyncio.run(scenario())
+    assert harness.status.config_version == 3
+
+
+def test_changed_max_value_keeps_counters(limits_dir: Path) -> None:
+    """Identity is (namespace, seconds, conditions, variables): raising max_value keeps what was spent."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+
+    async def scenario() -> None:
+        assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
+        async with harness.watcher:
+            write_atomically(path, limits_yaml(500, name="freemium-raised"))
+            await harness.eventually(lambda: max_values(harness.engine) == [500], "the raised limit")
+        [counter] = await harness.engine.get_counters(NAMESPACE)
+        assert (counter.value, counter.remaining, counter.limit.name) == (250, 250, "freemium-raised")
+        assert (await harness.engine.check_and_report(NAMESPACE, USER, 251)).limited
+        assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
+
+    asyncio.run(scenario())
+
+
+def test_changed_window_is_a_new_limit_with_fresh_counters(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300, seconds=300))
+    harness = Harness(path)
+
+    async def scenario() -> None:
+        await harness.engine.check_and_report(NAMESPACE, USER, 250)
+        write_atomically(path, limits_yaml(300, seconds=60))
+        harness.settle()
+        assert await harness.engine.get_counters(NAMESPACE) == []
+
+    asyncio.run(scenario())
+    assert harness.status.config_version == 2
+
+
+# -- bad files keep the old limits ----------------------------------------------------------------------
+
+
+def test_bad_file_keeps_old_limits_and_is_reported(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+    caplog.set_level(logging.INFO, logger="ratelimit.sources.limits_file")
+
+    async def scenario() -> None:
+        async with harness.watcher:
+            write_atomically(path, BAD_YAML)
+            await harness.eventually(lambda: harness.status.config_err_since == 1, "the failed reload")
+            assert max_values(harness.engine) == [300]
+            # Polling on does not count the same bad content again.
+            for _ in range(5):
+                await asyncio.sleep(POLL)
+            assert harness.status.config_err_since == 1
+            write_atomically(path, limits_yaml(400))
+            await harness.eventually(lambda: max_values(harness.engine) == [400], "the fixed file")
+
+    asyncio.run(scenario())
+    assert harness.status.config_err_since == 0
+    assert harness.status.last_error is None
+    assert harness.status.config_version == 2
+    [failure] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"{path}:2" in failure.getMessage() and "max_value" in failure.getMessage()
+
+
+def test_status_names_file_line_and_field(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+    write_atomically(path, BAD_YAML)
+    harness.settle()
+    assert harness.status.config_version == 1
+    assert harness.status.config_err_since == 1
+    assert harness.status.last_error is not None
+    assert f"{path}:2" in harness.status.last_error
+    assert "field 'max_value'" in harness.status.last_error
+
+
+def test_deleted_file_keeps_old_limits(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+    path.unlink()
+    harness.settle()
+    assert max_values(harness.engine) == [300]
+    assert harness.status.config_err_since == 1
+    assert "cannot read" in (harness.status.last_error or "")
+    path.write_text(limits_yaml(300))
+    harness.settle()
+    assert harness.status.config_err_since == 0
+
+
+def test_invalid_file_at_startup_raises(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(BAD_YAML)
+    engine = RateLimiter(MemoryStorage(capacity=16))
+    status = ConfigStatus(source=str(path))
+    with pytest.raises(LimitsError) as raised:
+        LimitsFileWatcher(path, engine, status).load()
+    assert raised.value.field == "max_value" and raised.value.line == 2
+    assert status.config_version == 0
+
+
+# -- what must not trigger a reload ---------------------------------------------------------------------
+
+
+def test_unchanged_content_does_not_bump_version(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    text = limits_yaml(300)
+    path.write_text(text)
+    harness = Harness(path)
+    os.utime(path)  # touch
+    harness.settle()
+    write_atomically(path, text)  # new inode, same bytes (a ConfigMap resync does this)
+    harness.settle()
+    assert harness.status.config_version == 1
+
+
+def test_half_written_file_is_not_applied(limits_dir: Path) -> None:
+    """An in-place write truncates first: a poll in between must not apply the empty file (which
+    would drop every limit and its counters)."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+    path.write_text("")  # the truncation, seen by one poll
+    assert harness.watcher.poll() is False
+    path.write_text(limits_yaml(3000))  # the write completes before the next poll
+    harness.settle()
+    assert max_values(harness.engine) == [3000]
+    assert harness.status.config_version == 2
+    assert harness.status.config_err_since == 0
+
+
+# -- lifecycle ---------------------------------------------------------------------------------------
+
+
+def test_watcher_stops_cleanly(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+
+    async def scenario() -> None:
+        harness.watcher.start()
+        harness.watcher.start()  # idempotent: still one task
+        assert len(asyncio.all_tasks()) == 2
+        await asyncio.sleep(POLL * 3)
+        await harness.watcher.stop()
+        await harness.watcher.stop()  # stopping twice is harmless
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(scenario())
+
+
+# -- through the real process ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reload_service(
+    tmp_path: Path, start_service: Callable[..., ServiceProcess]
+) -> Iterator[tuple[Path, ServiceProcess]]:
+    path = tmp_path / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    yield path, start_service(path, "--reload-interval", "0.05")
+
+
+def test_service_hot_reload(reload_service: tuple[Path, ServiceProcess]) -> None:
+    path, service = reload_service
+    limits_url = f"/limits/{NAMESPACE}"
+
+    def served_max_values() -> list[int]:
+        return [limit["max_value"] for limit in service.http.get(limits_url).json()]
+
+    assert served_max_values() == [300]
+    assert service.status()["config_version"] == 1
+
+    write_atomically(path, limits_yaml(3000))
+    wait_until(lambda: served_max_values() == [3000], what="the renamed file to be served")
+    assert service.status()["config_version"] == 2
+
+    write_atomically(path, BAD_YAML)
+    status = wait_until(lambda: (s := service.status())["config_err_since"] == 1 and s, what="the failed reload")
+    assert "max_value" in status["config_error"] and f"{path}:2" in status["config_error"]
+    assert status["config_version"] == 2
+    assert served_max_values() == [3000]
