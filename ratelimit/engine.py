@@ -7,6 +7,7 @@ Storage-agnostic and protocol-agnostic: servers translate wire messages into the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -25,8 +26,9 @@ MAX_VALUE_LENGTH = 4096
 MAX_DELTA = 2**32 - 1  # Envoy's request-level hits_addend is a uint32; tokens per request fit easily
 MAX_RESERVATION_TTL = 24 * 3600.0
 
-# Distinct descriptor sets whose applicable counters are remembered; cleared when full or on reload.
-_MEMO_SIZE = 1 << 16
+# Distinct descriptor sets whose applicable counters are remembered (the older half is forgotten
+# when full; all on reload). A remembered set costs a few hundred bytes.
+_MEMO_SIZE = 1 << 17
 
 Descriptors = Sequence[Mapping[str, str]]
 
@@ -121,7 +123,10 @@ class RateLimiter:
         _validate_descriptors(descriptors)
         found = CounterSet(self._resolve(namespace, descriptors))
         if len(self._memo) >= _MEMO_SIZE:
-            self._memo = {}
+            # Dicts keep insertion order: forget the older half rather than everything at once, so a
+            # working set just over the size does not miss on every request.
+            for old_key in list(itertools.islice(self._memo, _MEMO_SIZE // 2)):
+                del self._memo[old_key]
         self._memo[key] = found
         return found
 
@@ -185,7 +190,6 @@ class RateLimiter:
                 raise InvalidRequest("descriptors", "must be a list of maps of string to string") from None
             if found is None:
                 found = self._memoize(key, namespace, descriptors)
-                memo_get = self._memo.get  # _memoize may have started a new memo
             sets.append(found)
         return await self.storage.check_and_update_batch(sets, delta_array)
 

@@ -32,12 +32,13 @@ MAX_WINDOW_SECONDS = 10 * 365 * 86400
 KNOWN_FIELDS = ("namespace", "max_value", "seconds", "name", "id", "conditions", "variables")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Limit:
     """A quota of `max_value` per fixed window of `seconds`, for the requests its conditions select.
 
     Conditions and variables are kept sorted and de-duplicated (Limitador keeps them in ordered
-    sets), so two spellings of the same limit have the same identity.
+    sets), so two spellings of the same limit have the same identity. Compare limits by `identity`;
+    `==` and hashing are by object, which keeps dictionaries keyed by Limit cheap on the hot path.
     """
 
     namespace: str

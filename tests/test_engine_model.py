@@ -14,6 +14,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
+from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import MemoryStorage
 from tests.reference_model import ModelAnswer, ReferenceModel
 
@@ -35,14 +36,18 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now_ms = 1_000_000
-        # A tiny capacity makes the storage reuse rows of expired counters all the time.
-        self.storage = MemoryStorage(capacity=6, clock=lambda: self.now_ms / 1000)
+        self.storage = self.make_storage()
         self.limits = [PER_USER_MINUTE, PER_USER_HOUR, GLOBAL_BURST, MODEL_B, OTHER_NS]
         self.engine = RateLimiter(self.storage, self.limits)
         self.model = ReferenceModel()
         self.model.configure(self.limits)
         self.loop = asyncio.new_event_loop()
         self.next_id = 0
+
+    def make_storage(self) -> Storage:
+        """The storage under test, on the machine's clock (subclasses test other storages)."""
+        # A tiny capacity makes the storage reuse rows of expired counters all the time.
+        return MemoryStorage(capacity=6, clock=lambda: self.now_ms / 1000)
 
     def teardown(self) -> None:
         self.loop.close()
@@ -75,6 +80,19 @@ class EngineMatchesModel(RuleBasedStateMachine):
             return
         decision = self.run(self.engine.check_and_report(NS, descriptors, delta, load_counters=True))
         self.compare(decision, self.model.check_and_report(keys, delta, self.now_ms))
+
+    @rule(batch=st.lists(st.tuples(users, models, small), min_size=1, max_size=6))
+    def check_and_report_many(self, batch: list[tuple[str, str, int]]) -> None:
+        """A batch decides exactly like the same requests one after another."""
+        requests = [self.request(user, model) for user, model, _ in batch]
+        if self.storage_full([key for _, keys in requests for key in keys]):
+            return
+        limited = self.run(self.engine.check_and_report_many(NS, [d for d, _ in requests], [d for *_, d in batch]))
+        expected = [
+            self.model.check_and_report(keys, delta, self.now_ms).limited_by is not None
+            for (_, keys), (*_, delta) in zip(requests, batch)
+        ]
+        assert limited.tolist() == expected
 
     @rule(user=users, model=models, delta=small)
     def check(self, user: str, model: str, delta: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ class CounterSet:
 
     def __init__(self, counters: tuple[Counter, ...]) -> None:
         self.counters = counters
-        self.storage_handle: object = None
+        self.storage_handle: Any = None
 
 
 class Storage(ABC):

@@ -4,9 +4,11 @@ The table is one int64 array of rows, one row per counter: [value, expires_at_ms
 `limit_no` is -1 for a free row. The limits table holds [max_value, window_ms] per limit number, so a
 reload that changes max_value updates one cell instead of every counter.
 
-A decision covers a batch of requests; request r owns counters `offsets[r]:offsets[r+1]` of the flat
-`rows` / `limit_nos` arrays. Requests are decided in order, each atomically, exactly as if they had come
-one after another. A row of -1 is a counter that is not in the table yet (read-only checks never add one).
+A decision covers a batch of requests. The counters of one kind of request (a *plan*) are
+`rows[starts[p]:ends[p]]` with their `limit_nos`; request r uses plan `plans[r]`, so a batch of a
+million requests over ten thousand users is one small int array, not a million row lists.
+Requests are decided in order, each atomically, exactly as if they had come one after another.
+A row of -1 is a counter that is not in the table yet (read-only checks never add one).
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ def decide(
     limits: np.ndarray,
     rows: np.ndarray,
     limit_nos: np.ndarray,
-    offsets: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    plans: np.ndarray,
     deltas: np.ndarray,
     mode: int,
     now_ms: int,
     first_limited: np.ndarray,
 ) -> None:
-    """Decide every request; first_limited[r] is the index (within request r) of the first counter that
-    would exceed its limit, or -1. CHECK_AND_UPDATE and RESERVE change nothing for a limited request;
-    UPDATE charges regardless; CHECK never changes anything."""
-    for r in range(offsets.shape[0] - 1):
-        start, end = offsets[r], offsets[r + 1]
+    """Decide every request; first_limited[r] is the index (within request r's plan) of the first
+    counter that would exceed its limit, or -1. CHECK_AND_UPDATE and RESERVE change nothing for a
+    limited request; UPDATE charges regardless; CHECK never changes anything."""
+    for r in range(plans.shape[0]):
+        start, end = starts[plans[r]], ends[plans[r]]
         delta = deltas[r]
         first = -1
         for i in range(start, end):

@@ -47,6 +47,45 @@ class _Lookup:
     limit_nos: np.ndarray
     counters: Sequence[Counter]
     generation: int
+    plan: int = -1
+    """This set's number in the plan table of its generation, once a batch has used it."""
+
+
+class _PlanTable:
+    """The row lists of the counter sets that batches used in one generation, packed for the kernel,
+    so that a batch is one plan number per request."""
+
+    MAX_PLANS = 1 << 20  # past this many (old memo entries' sets pile up), start a fresh table
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.rows = np.empty(4096, dtype=np.int64)
+        self.limit_nos = np.empty(4096, dtype=np.int64)
+        self.starts = np.empty(1024, dtype=np.int64)
+        self.ends = np.empty(1024, dtype=np.int64)
+        self.used = 0
+        self.count = 0
+
+    def add(self, rows: np.ndarray, limit_nos: np.ndarray) -> int:
+        end = self.used + len(rows)
+        if end > len(self.rows):
+            self.rows = _grown(self.rows, end)
+            self.limit_nos = _grown(self.limit_nos, end)
+        if self.count == len(self.starts):
+            self.starts = _grown(self.starts, self.count + 1)
+            self.ends = _grown(self.ends, self.count + 1)
+        self.rows[self.used:end] = rows
+        self.limit_nos[self.used:end] = limit_nos
+        self.starts[self.count], self.ends[self.count] = self.used, end
+        self.used = end
+        self.count += 1
+        return self.count - 1
+
+
+def _grown(array: np.ndarray, at_least: int) -> np.ndarray:
+    bigger = np.empty(max(at_least, 2 * len(array)), dtype=array.dtype)
+    bigger[: len(array)] = array
+    return bigger
 
 
 class MemoryStorage(Storage):
@@ -59,6 +98,7 @@ class MemoryStorage(Storage):
         self._table = self._new_rows(min(_INITIAL_ROWS, capacity))
         self._rows_used = 0  # rows below this mark have been handed out at least once
         self._free_rows: list[int] = []
+        self._allocations = 0  # rows handed out so far, to tell whether a batch added any
         self._row_of_key: dict[str, int] = {}
         self._key_of_row: list[str | None] = []
         self._next_sweep_ms = 0
@@ -71,8 +111,12 @@ class MemoryStorage(Storage):
         self._limits = np.zeros((0, 2), dtype=np.int64)
         self._reservations: dict[str, _Reservation] = {}
         self._reservation_expiries: list[tuple[int, str]] = []
-        # Scratch arguments for one-request kernel calls (always used under the lock).
-        self._one_offsets = np.zeros(2, dtype=np.int64)
+        self._plans = _PlanTable(self._generation)
+        # Scratch arguments for one-request kernel calls (always used under the lock): plan 0 is
+        # rows[0:n] of the request's own row array.
+        self._one_start = np.zeros(1, dtype=np.int64)
+        self._one_end = np.zeros(1, dtype=np.int64)
+        self._one_plan = np.zeros(1, dtype=np.int64)
         self._one_delta = np.zeros(1, dtype=np.int64)
         self._one_first = np.zeros(1, dtype=np.int64)
 
@@ -150,16 +194,13 @@ class MemoryStorage(Storage):
         with self._lock:
             now = self._now_ms()
             self._release_expired_reservations(now)
-            counters_before = len(self._row_of_key)
-            lookups = self._batch_lookups(sets, now)
-            rows = np.concatenate([lookup.rows for lookup in lookups]) if lookups else np.zeros(0, np.int64)
-            limit_nos = np.concatenate([lookup.limit_nos for lookup in lookups]) if lookups else np.zeros(0, np.int64)
-            offsets = np.zeros(len(sets) + 1, dtype=np.int64)
-            np.cumsum([len(lookup.rows) for lookup in lookups], out=offsets[1:])
+            allocations_before = self._allocations
+            plans = self._batch_plans(sets, now)
             first = np.empty(len(sets), dtype=np.int64)
-            kernels.decide(self._table, self._limits, rows, limit_nos, offsets,
-                           np.asarray(deltas, dtype=np.int64), kernels.CHECK_AND_UPDATE, now, first)
-            if len(self._row_of_key) > counters_before:
+            table = self._plans
+            kernels.decide(self._table, self._limits, table.rows, table.limit_nos, table.starts, table.ends,
+                           plans, np.asarray(deltas, dtype=np.int64), kernels.CHECK_AND_UPDATE, now, first)
+            if self._allocations != allocations_before:
                 self._next_sweep_ms = 0  # rows added but left uncharged (limited, delta 0) wait for a sweep
             return first >= 0
 
@@ -201,10 +242,10 @@ class MemoryStorage(Storage):
             return answer
 
     def _run(self, lookup: _Lookup, delta: int, mode: int, now: int) -> int:
-        self._one_offsets[1] = len(lookup.rows)
+        self._one_end[0] = len(lookup.rows)
         self._one_delta[0] = delta
-        kernels.decide(self._table, self._limits, lookup.rows, lookup.limit_nos, self._one_offsets,
-                       self._one_delta, mode, now, self._one_first)
+        kernels.decide(self._table, self._limits, lookup.rows, lookup.limit_nos, self._one_start, self._one_end,
+                       self._one_plan, self._one_delta, mode, now, self._one_first)
         return int(self._one_first[0])
 
     def _authorization(self, lookup: _Lookup, first: int, now: int, load_counters: bool) -> Authorization:
@@ -273,18 +314,33 @@ class MemoryStorage(Storage):
         self._free_rows.extend(untouched)
         counter_set.storage_handle = None
 
-    def _batch_lookups(self, sets: Sequence[CounterSet], now: int) -> list[_Lookup]:
-        """Rows of every set, cached on the set between batches until rows are freed."""
+    def _batch_plans(self, sets: Sequence[CounterSet], now: int) -> np.ndarray:
+        """The plan number of every set; sets new to this generation are looked up and added."""
         while True:
             generation = self._generation
-            stale = [s for s in sets if s.storage_handle is None or s.storage_handle.generation != generation]
-            if not stale:
-                return [s.storage_handle for s in sets]
-            missing = {self._key(c, no) for s in stale for c in s.counters if (no := self._limit_no(c.limit)) is not None}
+            if self._plans.generation != generation or self._plans.count > _PlanTable.MAX_PLANS:
+                self._plans = _PlanTable(generation)
+            plans = np.array(
+                [h.plan if (h := s.storage_handle) is not None and h.generation == generation else -1 for s in sets],
+                dtype=np.int64,
+            )
+            stale = np.flatnonzero(plans < 0)
+            if len(stale) == 0:
+                return plans
+            missing = {
+                self._key(c, no)
+                for i in stale for c in sets[i].counters if (no := self._limit_no(c.limit)) is not None
+            }
             self._ensure_free_rows(sum(1 for k in missing if k not in self._row_of_key), now)
-            for counter_set in stale:
-                self._lookup(counter_set, allocate=True, now=now)
-            # If making room freed rows, handles from before are stale: the loop looks them up again.
+            if self._generation != generation:
+                continue  # making room freed rows: every handle is stale, look all of them up again
+            for i in stale:
+                lookup, _ = self._lookup(sets[i], allocate=True, now=now)
+                if lookup.plan < 0:
+                    lookup.plan = self._plans.add(lookup.rows, lookup.limit_nos)
+                plans[i] = lookup.plan
+            if self._generation == generation:
+                return plans
 
     def _allocate(self, key: str, limit_no: int) -> int:
         if self._free_rows:
@@ -294,6 +350,7 @@ class MemoryStorage(Storage):
             self._rows_used += 1
             self._key_of_row.append(None)
         self._table[row] = (0, 0, 0, limit_no)
+        self._allocations += 1
         self._row_of_key[key] = row
         self._key_of_row[row] = key
         return row
