@@ -10,10 +10,18 @@ ensure_venv() {
     exit 1
   fi
   if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv || {
-      echo "error: '$PYTHON -m venv' failed; on Debian: apt-get install python3-venv" >&2
-      exit 1
-    }
+    if ! "$PYTHON" -m venv .venv 2>/dev/null; then
+      rm -rf .venv
+      # Debian ships venv's ensurepip in its own package.
+      if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      fi
+      "$PYTHON" -m venv .venv || {
+        echo "error: '$PYTHON -m venv' failed; on Debian: apt-get install python3-venv" >&2
+        exit 1
+      }
+    fi
   fi
   local target="."
   [ -n "$extra" ] && target=".[${extra}]"
