@@ -9,7 +9,7 @@ Keys (`rl:` is the default prefix; <limit> is a digest of the limit's identity, 
 only changes max_value or name keeps the counters):
 
     rl:{<namespace>|<values>}:<limit>     counter, a hash: v value, e window end (ms), r reserved,
-                                          r:<id> the amount reservation <id> holds
+                                          n reservations held, r:<id> the amount reservation <id> holds
     rl:{<namespace>|<values>}:<limit>:r   its reservations, a sorted set: id -> expiry (ms)
     rl:{<namespace>}:i:<limit>            the limit's index for /counters, a sorted set:
                                           counter key -> when it stops being live (ms)
@@ -28,7 +28,17 @@ reservation); if every slot had room, phase 2 commits the hold as a charge in ev
 the holds are released. No interleaving can admit past a limit: between the phases the budget is
 held. Concurrent decisions may see a hold that is later released and be refused although a serial
 order would have admitted them (never the other way round), and a replica dying between the phases
-leaves holds that expire after HOLD_TTL. Such decisions cost two round trips; single-slot ones one.
+leaves holds that expire after 10x the storage timeout (at least 1 s). Such decisions cost two round
+trips; single-slot ones one. Checks and reports need no common instant: each slot is one script.
+The index lives in the namespace's slot, so in a cluster the script reports counters whose
+live-until time grew and the client indexes them right after (not waiting; /counters waits for it).
+
+Failures: every request carries a deadline of `timeout` (one timer per connection, not per
+decision); a connection silent that long is dropped and the next request reconnects. Failures raise
+StorageError (`partitioned` set); FailureMode below turns them into `--on-storage-error` answers.
+
+Reloads: a limit whose identity is gone has its counters deleted, as Limitador does, in the
+background from its index; only decisions on a limit that comes back meanwhile wait for that.
 
 Time: scripts read Redis' own clock (TIME), so all replicas agree on windows. Tests inject a clock;
 window ends and reservation expiries are stored in the keys, so logic never depends on when Redis
@@ -38,14 +48,15 @@ evicts a key: PEXPIRE only cleans up, `expiry_grace` after a counter stops being
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import unquote
 
 import numpy as np
@@ -54,7 +65,13 @@ from prometheus_client.core import Metric
 from ratelimit.counters import Authorization, Counter, CounterStatus, StorageError
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage
-from ratelimit.storage.redis_client import RedisError, ReplyError, connect, pack, pack_arguments
+from ratelimit.storage.redis_client import (
+    RedisError,
+    ReplyError,
+    connect,
+    pack,
+    pack_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +171,9 @@ class RedisStorage(Storage):
         self._digests: dict[tuple, str] = {}
         self._generation = 0
         self._removed: list[Limit] = []
-        self._settling: asyncio.Future[None] | None = None
+        """Limits a reload removed whose counters are still to be deleted (started by the next operation)."""
+        self._deleting: dict[tuple, asyncio.Future[None]] = {}
+        """Identity -> the deletion of that limit's counters, running in the background."""
         self._index_writes: set[asyncio.Future[object]] = set()
         self.partitioned = False
         """True while Redis cannot be reached (the `datastore_partitioned` gauge)."""
@@ -164,7 +183,7 @@ class RedisStorage(Storage):
 
     def configure(self, limits: Sequence[Limit]) -> None:
         current = {limit.identity: limit for limit in limits}
-        # Deleting a removed limit's counters needs Redis: it happens before the next operation.
+        # Deleting a removed limit's counters needs Redis and a running loop: the next operation starts it.
         self._removed.extend(limit for identity, limit in self._limits.items() if identity not in current)
         self._limits = current
         self._generation += 1
@@ -210,15 +229,15 @@ class RedisStorage(Storage):
         return await self._bounded(self._get_counters(limits))
 
     async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        plans = [self._plan(counter_set) for counter_set in sets]
         if self._client.cluster:
             return await super().check_and_update_batch(sets, deltas)
+        plans = [self._plan(counter_set) for counter_set in sets]
         # One server, one connection: requests are written in order and Redis runs them in that
         # order, exactly as if each waited for the one before.
         return await self._bounded(self._batch_in_order(plans, deltas))
 
     async def close(self) -> None:
-        pending = [work for work in (self._settling, *self._index_writes) if work is not None]
+        pending: list[asyncio.Future[Any]] = [*self._deleting.values(), *self._index_writes]
         for work in pending:
             work.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -226,27 +245,28 @@ class RedisStorage(Storage):
 
     # -- the work behind each decision -----------------------------------------------------------
 
-    async def _replies(
+    def _replies(
         self, plan: _Plan, mode: str, delta: int, reservation_id: str = "", ttl_ms: int = 0
-    ) -> list[Reply]:
+    ) -> Awaitable[list[Reply]]:
         """The script's replies for a request, slot by slot, in the order of plan.groups."""
-        if len(plan.groups) == 1 and not self._removed and self._settling is None:
-            # The common case, one round trip: the request's own deadline bounds it (no timer here).
-            with self._failures:
-                return [await self._run(plan.groups[0], mode, delta, reservation_id, ttl_ms)]
-        return await self._bounded(self._decide_in_slots(plan, mode, delta, reservation_id, ttl_ms))
+        if self._removed:
+            self._start_deletions()
+        if len(plan.groups) == 1 and not self._deleting:
+            return self._round_trip(plan.groups[0], mode, delta, reservation_id, ttl_ms)  # the common case
+        if not plan.groups:
+            return _done([])  # no limit applies: nothing to ask Redis
+        return self._bounded(self._decide_in_slots(plan, mode, delta, reservation_id, ttl_ms))
 
     async def _bounded(self, work: Awaitable[T]) -> T:
         """Work of several round trips, within the storage timeout as a whole."""
         with self._failures:
             async with asyncio.timeout(self.timeout):
-                if self._removed or self._settling is not None:
-                    await self._settle()
                 return await work
 
     async def _decide_in_slots(
         self, plan: _Plan, mode: str, delta: int, reservation_id: str, ttl_ms: int
     ) -> list[Reply]:
+        await self._deletions_done(counter.limit for counter in plan.counters)
         if len(plan.groups) <= 1 or mode in (CHECK, UPDATE, COMMIT):
             # A check or an update needs no instant common to all slots: each slot is atomic.
             return list(await asyncio.gather(*(self._run(g, mode, delta, reservation_id, ttl_ms) for g in plan.groups)))
@@ -260,16 +280,13 @@ class RedisStorage(Storage):
         return list(await asyncio.gather(*(self._run(g, COMMIT, delta, hold_id) for g in plan.groups)))
 
     async def _batch_in_order(self, plans: list[_Plan], deltas: np.ndarray) -> np.ndarray:
-        sent = [
-            self._send(plan.groups[0], CHECK_AND_UPDATE, int(delta)) if plan.groups else None
-            for plan, delta in zip(plans, deltas)
+        # Tasks start in the order they are made, and each sends its request before it first waits.
+        calls = [
+            asyncio.ensure_future(self._round_trip(plan.groups[0], CHECK_AND_UPDATE, int(delta)))
+            for plan, delta in zip(plans, deltas) if plan.groups
         ]
-        limited = np.zeros(len(plans), dtype=np.bool_)
-        for i, (plan, request) in enumerate(zip(plans, sent)):
-            if request is not None:
-                reply = await self._finish(plan.groups[0], *request)
-                limited[i] = reply[1] != 0
-        return limited
+        replies = iter(await asyncio.gather(*calls))
+        return np.array([bool(next(replies)[0][1]) if plan.groups else False for plan in plans], dtype=np.bool_)
 
     async def _hold(self, plan: _Plan, amount: int, hold_id: str, ttl_ms: int) -> list[Reply]:
         """Phase 1: reserve `amount` in every slot at once. If a slot fails, the others' holds are
@@ -293,30 +310,27 @@ class RedisStorage(Storage):
         ]
         return list(await asyncio.gather(*releases))
 
-    def _run(
+    async def _round_trip(
         self, group: _Group, mode: str, delta: int, reservation_id: str = "", ttl_ms: int = 0
-    ) -> Awaitable[Reply]:
-        """One script call for one slot's counters."""
-        return self._finish(group, *self._send(group, mode, delta, reservation_id, ttl_ms))
-
-    def _send(
-        self, group: _Group, mode: str, delta: int, reservation_id: str = "", ttl_ms: int = 0
-    ) -> tuple[Awaitable[object], bytes]:
-        now = b"" if self._clock is None else b"%d" % round(self._clock() * 1000)
-        dynamic = _dynamic_arguments(mode, now, delta, reservation_id, ttl_ms)
-        return self._client.request(group.slot, group.command(dynamic)), dynamic
-
-    async def _finish(self, group: _Group, reply: Awaitable[object], dynamic: bytes) -> Reply:
-        try:
-            answer: Reply = await reply  # type: ignore[assignment]
-        except ReplyError as exc:
-            if exc.kind != "NOSCRIPT":
-                raise
-            # Redis restarted or failed over and lost its script cache: EVAL also caches it again.
-            answer = await self._client.request(group.slot, group.eval_command(dynamic))  # type: ignore[assignment]
+    ) -> list[Reply]:
+        """One script call for one slot's counters, [its reply]: one round trip, bounded by the
+        request's own deadline (a timer per decision would cost more than the rest of it)."""
+        with self._failures:
+            now = b"" if self._clock is None else b"%d" % round(self._clock() * 1000)
+            dynamic = _dynamic_arguments(mode, now, delta, reservation_id, ttl_ms)
+            try:
+                reply: Reply = await self._client.request(group.slot, group.command(dynamic))  # type: ignore[assignment]
+            except ReplyError as exc:
+                if exc.kind != "NOSCRIPT":
+                    raise
+                # The script cache was flushed since this connection loaded the script: EVAL caches it again.
+                reply = await self._client.request(group.slot, group.eval_command(dynamic))  # type: ignore[assignment]
         if self._client.cluster:
-            self._index_later(group, answer)
-        return answer
+            self._index_later(group, reply)
+        return [reply]
+
+    async def _run(self, group: _Group, mode: str, delta: int, reservation_id: str = "", ttl_ms: int = 0) -> Reply:
+        return (await self._round_trip(group, mode, delta, reservation_id, ttl_ms))[0]
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -345,15 +359,16 @@ class RedisStorage(Storage):
     # -- /counters -------------------------------------------------------------------------------
 
     async def _get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
+        if self._removed:
+            self._start_deletions()
+        await self._deletions_done(limits)
         await self._index_settled()
         configured = [limit for limit in limits if limit.identity in self._limits]
         indexes = [self._index_key(limit) for limit in configured]
-        members = await asyncio.gather(
-            *(self._client.request(self._client.slot_of(index), pack("ZRANGE", index, 0, -1)) for index in indexes)
-        )
+        members = await asyncio.gather(*(self._index_members(index) for index in indexes))
         counters = [
             Counter(limit, self._values_from_key(limit, key.decode()))
-            for limit, keys in zip(configured, members) for key in keys  # type: ignore[union-attr]
+            for limit, keys in zip(configured, members) for key in keys
         ]
         statuses: list[CounterStatus] = []
         for start in range(0, len(counters), _LIST_CHUNK):
@@ -444,33 +459,49 @@ class RedisStorage(Storage):
         future.add_done_callback(self._index_writes.discard)
         future.add_done_callback(_log_failure)
 
+    async def _index_members(self, index: str) -> list[bytes]:
+        return cast(list[bytes], await self._client.request(self._client.slot_of(index), pack("ZRANGE", index, 0, -1)))
+
     async def _index_settled(self) -> None:
         while self._index_writes:
             await asyncio.gather(*self._index_writes, return_exceptions=True)
 
-    async def _settle(self) -> None:
-        if self._settling is None:
-            removed, self._removed = self._removed, []
-            self._settling = asyncio.ensure_future(self._delete_counters(removed))
-        await asyncio.shield(self._settling)
+    def _start_deletions(self) -> None:
+        """Delete the counters of limits a reload removed, in the background: only decisions on a
+        limit that is back with the same identity wait for its old counters to go."""
+        for limit in self._removed:
+            if limit.identity not in self._deleting:
+                deletion = asyncio.ensure_future(self._delete_counters(limit))
+                self._deleting[limit.identity] = deletion
+                deletion.add_done_callback(functools.partial(self._deleted, limit))
+        self._removed = []
 
-    async def _delete_counters(self, limits: list[Limit]) -> None:
-        """Delete every counter of limits a reload removed, found through their index."""
-        try:
-            await self._index_settled()
-            for limit in limits:
-                index = self._index_key(limit)
-                keys = await self._client.request(self._client.slot_of(index), pack("ZRANGE", index, 0, -1))
-                await asyncio.gather(*(
-                    self._client.request(self._client.slot_of(key.decode()), pack("DEL", key, key + b":r"))
-                    for key in keys  # type: ignore[union-attr]
-                ))
-                await self._client.request(self._client.slot_of(index), pack("DEL", index))
-        except BaseException:
-            self._removed.extend(limits)  # tried again before the next operation
-            raise
-        finally:
-            self._settling = None
+    def _deleted(self, limit: Limit, deletion: asyncio.Future[None]) -> None:
+        del self._deleting[limit.identity]
+        if not deletion.cancelled() and deletion.exception() is not None:
+            logger.debug("deleting the counters of removed limit %s failed, to be retried: %s",
+                         limit.name or limit.identity, deletion.exception())
+            self._removed.append(limit)  # tried again with the next operation
+
+    async def _deletions_done(self, limits: Iterable[Limit] | None = None) -> None:
+        """Wait for the deletions of these limits' old counters (of any limit's, when None)."""
+        if not self._deleting:
+            return
+        wanted = None if limits is None else {limit.identity for limit in limits}
+        pending = [deletion for identity, deletion in self._deleting.items() if wanted is None or identity in wanted]
+        await asyncio.gather(*(asyncio.shield(deletion) for deletion in pending))
+
+    async def _delete_counters(self, limit: Limit) -> None:
+        """Delete every counter of a removed limit, found through its index, a batch at a time."""
+        await self._index_settled()
+        index = self._index_key(limit)
+        slot = self._client.slot_of(index)
+        while keys := cast(list[bytes], await self._client.request(slot, pack("ZRANGE", index, 0, _LIST_CHUNK - 1))):
+            await asyncio.gather(*(
+                self._client.request(self._client.slot_of(key.decode()), pack("DEL", key, key + b":r"))
+                for key in keys
+            ))
+            await self._client.request(slot, pack("ZREM", index, *keys))
 
 
 class _Failures:

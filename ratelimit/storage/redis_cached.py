@@ -34,8 +34,17 @@ from dataclasses import dataclass
 from ratelimit.counters import Authorization, Counter, CounterStatus
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage
-from ratelimit.storage.redis import CHECK, DEFAULT_TIMEOUT, UPDATE, Clock, RedisStorage, Reply, _Group, _Plan
-from ratelimit.storage.redis_client import RedisError
+from ratelimit.storage.redis import (
+    CHECK,
+    DEFAULT_TIMEOUT,
+    UPDATE,
+    Clock,
+    RedisStorage,
+    Reply,
+    _Group,
+    _Plan,
+)
+from ratelimit.storage.redis_client import RedisError, pack
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +217,13 @@ class CachedRedisStorage(RedisStorage):
 
     async def _load(self, entries: list[_Entry]) -> None:
         """Read counters this replica has not seen yet; decisions waiting for the same one share the read."""
+        if self._removed:
+            self._start_deletions()
+        try:
+            await self._deletions_done()  # a limit back after a reload must not read its old counters
+        except RedisError as exc:
+            self._partition(exc)
+            return
         waits = []
         for entry in entries:
             if entry.loading is None:
@@ -252,9 +268,12 @@ class CachedRedisStorage(RedisStorage):
         batches of `batch_size` counters, all sent at once (one round trip). Raises RedisError."""
         touched, self._touched = list(self._touched.values()), {}
         try:
-            if self._removed or self._settling is not None:
-                await self._settle()
+            if self._removed:
+                self._start_deletions()
+            await self._deletions_done()  # a limit back after a reload must not get its old counters
             batches = [touched[i:i + self.batch_size] for i in range(0, len(touched), self.batch_size)]
+            if not batches and self.partitioned:
+                await self._client.request(0, pack("PING"))  # nothing to write: is Redis back?
             await asyncio.gather(*(self._sync(batch) for batch in batches))
         except BaseException:
             for entry in touched:  # retried with the next flush

@@ -1,13 +1,13 @@
 """A small pipelined Redis client for the storages: one connection per Redis node, RESP parsed by hiredis.
 
-Why not redis-py on the decision path: with 64 concurrent callers its per-command overhead (pool,
-retries, per-reply timeouts) caps a Python process at about 18k commands/s, and its pipelines at
-about 40k/s. Here every command is written as soon as it is issued (commands issued in the same
-event-loop turn share one write) and replies resolve futures in order, so concurrent decisions ride
-in pipelines for free while each still costs exactly one round trip.
+Why not redis-py on the decision path: with 64 concurrent callers on 2 cores its per-command
+overhead (pool, retries, a timer per reply) held a Python process to about 18k commands/s, and its
+pipelines to about 40k/s. Here commands issued in one event-loop turn share a few writes on one
+connection and replies resolve their futures in order: concurrent decisions ride in pipelines for
+free while each still costs exactly one round trip.
 
 URLs (Limitador's, plus cluster): `redis://[[user]:password@]host[:port][/db]`, `rediss://...` (TLS;
-`#insecure` or `?ssl_cert_reqs=none` skips certificate checks, `?ssl_ca_certs=PATH` trusts a CA),
+`#insecure` (Limitador's) or `?ssl_cert_reqs=none` skips certificate checks, `?ssl_ca_certs=PATH` trusts a CA),
 `unix:///path/redis.sock[?db=N]`, and `redis-cluster://` / `rediss-cluster://` naming one seed node of
 a Redis Cluster (the others are discovered with CLUSTER SLOTS).
 """
@@ -18,8 +18,10 @@ import asyncio
 import binascii
 import collections
 import ssl
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
@@ -29,6 +31,11 @@ DEFAULT_PORT = 6379
 # After a failed connection attempt, requests fail at once for this long instead of each trying
 # again: answers stay fast during an outage, and recovery is still noticed within a fraction of a second.
 RECONNECT_PAUSE = 0.1
+# Commands issued in one event-loop turn are written in pieces of about this many bytes (a handful of
+# decisions) rather than all at its end: Redis starts on the first piece while Python still builds the
+# next, so the two work side by side instead of taking turns. With 64 callers on 2 cores this took one
+# Redis call per decision from about 60k/s to 90-100k/s when the machine was otherwise idle.
+WRITE_SIZE = 2048
 
 
 class RedisError(Exception):
@@ -95,7 +102,7 @@ def parse_url(url: str) -> RedisUrl:
     context = None
     if tls:
         context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
-        if parts.fragment == "insecure" or query.get("ssl_cert_reqs", "").lower() in ("none", "optional"):
+        if parts.fragment == "insecure" or query.get("ssl_cert_reqs", "").lower() == "none":
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
     address = Address(
@@ -142,8 +149,8 @@ def pack_arguments(args: Iterable[str | bytes | int]) -> bytes:
 
 
 class Connection(asyncio.Protocol):
-    """One pipelined connection. Commands written in one event-loop turn leave in one write; replies
-    resolve their futures in order.
+    """One pipelined connection. Commands issued in one event-loop turn leave together, in writes of
+    about WRITE_SIZE bytes; replies resolve their futures in order.
 
     Each request carries a deadline `timeout` seconds ahead, checked by one timer per connection
     (a timer per request costs more than the rest of a decision): a late request fails with
@@ -155,6 +162,7 @@ class Connection(asyncio.Protocol):
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._waiting: collections.deque[tuple[asyncio.Future[object], float]] = collections.deque()
         self._outgoing: list[bytes] = []
+        self._outgoing_bytes = 0
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._progress = 0.0
@@ -201,12 +209,16 @@ class Connection(asyncio.Protocol):
         if not self._outgoing:
             self._loop.call_soon(self._flush)
         self._outgoing.append(command)
+        self._outgoing_bytes += len(command)
+        if self._outgoing_bytes >= WRITE_SIZE:
+            self._flush()
         return future
 
     def _flush(self) -> None:
         if self._transport is not None and self._outgoing and not self.closed:
             self._transport.write(b"".join(self._outgoing))
         self._outgoing.clear()
+        self._outgoing_bytes = 0
 
     def _check_deadlines(self) -> None:
         self._watchdog = None
@@ -303,6 +315,8 @@ class Node:
             if loop.time() < self._retry_at:
                 raise ConnectionLost(f"Redis at {self.address} is unreachable: {self._last_error}")
             self._connecting = loop.create_task(Connection.open(self.address, self._timeout, self._greeting))
+            # Its waiters may all have given up (timed out) before it fails: its error is read here too.
+            self._connecting.add_done_callback(lambda task: task.cancelled() or task.exception())
         task = self._connecting
         try:
             # Shielded: a caller timing out must not cancel the attempt others are waiting on.
@@ -327,22 +341,40 @@ class Node:
             self._connection = None
 
 
-class Client:
-    """Where commands go: `request(slot, command)`. A single server ignores the slot."""
+class Client(ABC):
+    """Where commands go: `request(slot, command)`, to one server or to a cluster's slot owner."""
+
+    cluster: bool
+
+    @abstractmethod
+    def request(self, slot: int, command: bytes) -> Awaitable[object]:
+        """Send a packed command; the awaitable gives its reply (ReplyError and RedisError raised)."""
+
+    @abstractmethod
+    def slot_of(self, key: str) -> int:
+        """The slot a key's commands go to (always 0 on a single server)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close every connection; requests still waiting are cancelled."""
+
+
+class ServerClient(Client):
+    """A single Redis server."""
 
     cluster = False
 
     def __init__(self, address: Address, timeout: float, greeting: Sequence[bytes] = ()) -> None:
-        self._node = Node(address, timeout, greeting)
+        self._server = Node(address, timeout, greeting)
 
     def request(self, slot: int, command: bytes) -> Awaitable[object]:
-        return self._node.request(command)
+        return self._server.request(command)
 
     def slot_of(self, key: str) -> int:
         return 0
 
     async def close(self) -> None:
-        await self._node.close()
+        await self._server.close()
 
 
 class ClusterClient(Client):
@@ -364,11 +396,10 @@ class ClusterClient(Client):
         return key_slot(key.encode())
 
     def request(self, slot: int, command: bytes) -> Awaitable[object]:
-        node = self._by_slot[slot]
-        if node is None:
+        owner = self._by_slot[slot]
+        if owner is None:
             return self._redirected(slot, command, None)
-        future = node.request(command)
-        return self._checked(slot, command, future)
+        return self._checked(slot, command, owner.request(command))
 
     async def _checked(self, slot: int, command: bytes, reply: Awaitable[object]) -> object:
         try:
@@ -391,10 +422,10 @@ class ClusterClient(Client):
                 await asking
             else:
                 await self._refresh()
-                node = self._by_slot[slot]
-                if node is None:
+                owner = self._by_slot[slot]
+                if owner is None:
                     raise RedisError(f"no Redis Cluster node serves slot {slot}")
-                reply = node.request(command)
+                reply = owner.request(command)
             try:
                 return await reply
             except ReplyError as exc:
@@ -435,7 +466,7 @@ class ClusterClient(Client):
                 except RedisError as exc:
                     failure = exc
                     continue
-                for first, last, primary, *_ in ranges:  # type: ignore[union-attr]
+                for first, last, primary, *_ in cast(list[list[Any]], ranges):
                     host = primary[0].decode() or node.address.host
                     owner = self._node(host, int(primary[1]))
                     for slot in range(first, last + 1):
@@ -458,4 +489,4 @@ def connect(url: str, timeout: float, greeting: Sequence[bytes] = ()) -> Client:
     parsed = parse_url(url)
     if parsed.cluster:
         return ClusterClient(parsed.address, timeout, greeting)
-    return Client(parsed.address, timeout, greeting)
+    return ServerClient(parsed.address, timeout, greeting)

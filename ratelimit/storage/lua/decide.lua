@@ -12,7 +12,8 @@
 --       6 extra ms keys outlive their window (window ends are stored, so eviction is only cleanup)
 --       7 '1' when index keys follow the counters' keys
 --       then per counter i: ARGV[6+2i] max_value, ARGV[7+2i] window ms
--- Counter fields: v value, e window end ms, r total reserved, 'r:'..id the amount reservation id holds.
+-- Counter fields: v value, e window end ms, r total reserved, n reservations held, 'r:'..id the
+-- amount reservation id holds. The script reads them all first, so it writes absolute values.
 -- Reply {now, first counter without room (1-based, 0 = none), 1 if the reservation was held (M),
 --        then per counter: value in the running window, window end (0 = none), reserved,
 --        new live-until time (0 = unchanged; the caller indexes it when the script could not)}.
@@ -25,50 +26,35 @@ if not now then
 end
 local delta = tonumber(ARGV[3])
 local id = ARGV[4]
-local ttl = tonumber(ARGV[5])
-local grace = tonumber(ARGV[6])
-local indexed = ARGV[7] == '1'
 local n = (#ARGV - 7) / 2
 local decides = mode == 'A' or mode == 'C' or mode == 'R'
 
-local value, ends, raw_ends, reserved, live_until = {}, {}, {}, {}, {}
+local value, ends, raw_ends, reserved, held_count = {}, {}, {}, {}, {}
 local first = 0
-
--- The latest reservation expiry on a counter (0 when none).
-local function last_expiry(z)
-  local top = redis.call('ZRANGE', z, -1, -1, 'WITHSCORES')
-  return tonumber(top[2]) or 0
-end
-
--- Reservations whose ttl has passed give their hold back before anything is decided.
-local function release_expired(k, z)
-  local ids = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  if #ids == 0 then
-    return
-  end
-  local freed = 0
-  for _, rid in ipairs(ids) do
-    freed = freed + (tonumber(redis.call('HGET', k, 'r:' .. rid)) or 0)
-    redis.call('HDEL', k, 'r:' .. rid)
-  end
-  redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-  if freed ~= 0 then
-    redis.call('HINCRBY', k, 'r', -freed)
-  end
-end
 
 for i = 1, n do
   local k, z = KEYS[2 * i - 1], KEYS[2 * i]
-  release_expired(k, z)
-  local state = redis.call('HMGET', k, 'v', 'e', 'r')
+  local state = redis.call('HMGET', k, 'v', 'e', 'r', 'n')
   raw_ends[i] = tonumber(state[2]) or 0
   if raw_ends[i] > now then
     value[i], ends[i] = tonumber(state[1]), raw_ends[i]
   else
     value[i], ends[i] = 0, 0
   end
-  reserved[i] = tonumber(state[3]) or 0
-  live_until[i] = 0
+  reserved[i], held_count[i] = tonumber(state[3]) or 0, tonumber(state[4]) or 0
+  if held_count[i] > 0 then
+    -- Reservations whose ttl has passed give their hold back before anything is decided.
+    local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+    if #expired > 0 then
+      for _, rid in ipairs(expired) do
+        reserved[i] = reserved[i] - (tonumber(redis.call('HGET', k, 'r:' .. rid)) or 0)
+        redis.call('HDEL', k, 'r:' .. rid)
+      end
+      redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+      held_count[i] = held_count[i] - #expired
+      redis.call('HSET', k, 'r', reserved[i], 'n', held_count[i])
+    end
+  end
   if decides and first == 0 and value[i] + reserved[i] + delta > tonumber(ARGV[6 + 2 * i]) then
     first = i
   end
@@ -82,30 +68,33 @@ if mode == 'M' then
     if amount then
       redis.call('HDEL', k, 'r:' .. id)
       redis.call('ZREM', KEYS[2 * i], id)
-      if amount ~= 0 then
-        redis.call('HINCRBY', k, 'r', -amount)
-      end
-      reserved[i] = reserved[i] - amount
+      reserved[i], held_count[i] = reserved[i] - amount, held_count[i] - 1
+      redis.call('HSET', k, 'r', reserved[i], 'n', held_count[i])
       held = 1
     end
   end
 end
 
--- Keys live as long as their window or their last reservation; a counter whose live-until time
--- grew gets a longer PEXPIRE (Redis' cleanup) and a fresh index entry.
+-- A counter lives (keys kept, listed by /counters) until its window and its last reservation end.
+local function live_until(i)
+  local top = redis.call('ZRANGE', KEYS[2 * i], -1, -1, 'WITHSCORES')
+  return math.max(ends[i], tonumber(top[2]) or 0)
+end
+
+-- When that time grew, Redis' own expiry (cleanup only) and the index follow.
+local extended = {}
 local function extend(i, before)
-  local k, z = KEYS[2 * i - 1], KEYS[2 * i]
-  local after = math.max(ends[i], last_expiry(z))
+  local after = live_until(i)
   if after <= before then
     return
   end
-  local keep = string.format('%d', after - now + grace)
-  redis.call('PEXPIRE', k, keep)
-  redis.call('PEXPIRE', z, keep)
-  live_until[i] = after
-  if indexed then
+  local keep = string.format('%d', after - now + tonumber(ARGV[6]))
+  redis.call('PEXPIRE', KEYS[2 * i - 1], keep)
+  redis.call('PEXPIRE', KEYS[2 * i], keep)
+  extended[i] = after
+  if ARGV[7] == '1' then
     local index = KEYS[2 * n + i]
-    redis.call('ZADD', index, 'GT', string.format('%d', after), k)
+    redis.call('ZADD', index, 'GT', string.format('%d', after), KEYS[2 * i - 1])
     redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%d', now))
   end
 end
@@ -113,37 +102,33 @@ end
 local charge = delta > 0 and (mode == 'U' or mode == 'M' or (mode == 'A' and first == 0))
 if charge then
   for i = 1, n do
-    local k = KEYS[2 * i - 1]
     if ends[i] == 0 then
       -- A new window starts at the counter's first hit (Limitador's fixed window).
-      local before = math.max(raw_ends[i], last_expiry(KEYS[2 * i]))
+      local before = math.max(live_until(i), raw_ends[i])
       value[i], ends[i] = delta, now + tonumber(ARGV[7 + 2 * i])
-      redis.call('HSET', k, 'v', delta, 'e', string.format('%d', ends[i]))
+      redis.call('HSET', KEYS[2 * i - 1], 'v', delta, 'e', string.format('%d', ends[i]))
       extend(i, before)
     else
       value[i] = value[i] + delta
-      redis.call('HINCRBY', k, 'v', delta)
+      redis.call('HSET', KEYS[2 * i - 1], 'v', value[i])
     end
   end
 elseif mode == 'R' and first == 0 then
-  local expires = now + ttl
+  local expires = string.format('%d', now + tonumber(ARGV[5]))
   for i = 1, n do
-    local k, z = KEYS[2 * i - 1], KEYS[2 * i]
-    local before = math.max(raw_ends[i], last_expiry(z))
+    local k = KEYS[2 * i - 1]
+    local before = math.max(live_until(i), raw_ends[i])
     -- An amount of 0 holds nothing but is still recorded, so commit can tell it was held.
-    redis.call('HSET', k, 'r:' .. id, delta)
-    redis.call('HINCRBY', k, 'r', delta)
-    redis.call('ZADD', z, string.format('%d', expires), id)
-    reserved[i] = reserved[i] + delta
+    reserved[i], held_count[i] = reserved[i] + delta, held_count[i] + 1
+    redis.call('HSET', k, 'r:' .. id, delta, 'r', reserved[i], 'n', held_count[i])
+    redis.call('ZADD', KEYS[2 * i], expires, id)
     extend(i, before)
   end
 end
 
 local reply = {now, first, held}
 for i = 1, n do
-  reply[#reply + 1] = value[i]
-  reply[#reply + 1] = ends[i]
-  reply[#reply + 1] = reserved[i]
-  reply[#reply + 1] = live_until[i]
+  local at = 4 * i
+  reply[at], reply[at + 1], reply[at + 2], reply[at + 3] = value[i], ends[i], reserved[i], extended[i] or 0
 end
 return reply
