@@ -5,23 +5,30 @@ the `_total` suffix (metrics-exporter-prometheus does not add one), and dashboar
 written for Limitador query those exact names. prometheus_client always renders counters as
 `<name>_total`, so the three counters are kept here and exposed through a small collector, and the
 Prometheus text format is written by `render` for counter and gauge families; any other family
-registered later (histograms, summaries) is rendered by prometheus_client itself.
+registered later (histograms, summaries) is rendered by prometheus_client itself. Pipelines that
+append `_total` themselves (an OpenTelemetry receiver) are matched by `total_suffix=True`.
 
-Label values come from requests (the namespace), so every family keeps at most `MAX_SERIES` label
-sets; later ones are folded into one `OVERFLOW_LABEL` series instead of growing without bound.
+Labels: `limitador_namespace`, then the custom labels of Limitador's `-L` file (label -> CEL over
+`descriptors`), then `limit_name` with `-l`. Label values come from requests, so every family keeps
+at most `MAX_SERIES` label sets; later ones are folded into one `OVERFLOW_LABEL` series instead of
+growing without bound.
 """
 
 from __future__ import annotations
 
+import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import yaml
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.utils import floatToGoString
 
+from ratelimit.cel import CelError, Expression, compile_expression
 from ratelimit.limits import Limit
 
 NAMESPACE_LABEL = "limitador_namespace"
@@ -29,7 +36,50 @@ LIMIT_NAME_LABEL = "limit_name"
 MAX_SERIES = 10_000
 OVERFLOW_LABEL = "__overflow__"
 
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Custom labels see no limit (they label the call, not one of its counters), as in Limitador.
+_NO_LIMIT: Mapping[str, str | None] = {"name": None, "id": None}
+
 Descriptors = Sequence[Mapping[str, str]]
+LimitsOf = Callable[[str, Descriptors], Sequence[Limit]]
+"""The limits that apply to a call: names `limit_name` on authorized calls and hits."""
+
+
+class MetricLabelsError(ValueError):
+    """The `-L` custom labels file is unreadable or invalid."""
+
+
+def parse_custom_labels(text: str, source: str = "<labels>") -> dict[str, Expression]:
+    """Limitador's `-L` file: a YAML map of label name -> CEL expression over `descriptors`."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MetricLabelsError(f"{source}: not YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise MetricLabelsError(f"{source}: expected a map of label name to CEL expression")
+    labels: dict[str, Expression] = {}
+    for name, source_text in document.items():
+        if not isinstance(name, str) or not _LABEL_NAME.match(name) or name.startswith("__"):
+            raise MetricLabelsError(f"{source}: {name!r} is not a Prometheus label name")
+        if name in (NAMESPACE_LABEL, LIMIT_NAME_LABEL):
+            raise MetricLabelsError(f"{source}: {name!r} is set by the service itself")
+        if not isinstance(source_text, str):
+            raise MetricLabelsError(f"{source}: label {name!r}: the expression must be a string")
+        try:
+            labels[name] = compile_expression(source_text)
+        except CelError as exc:
+            raise MetricLabelsError(f"{source}: label {name!r}: {exc}") from None
+    return labels
+
+
+def load_custom_labels(path: str | Path) -> dict[str, Expression]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MetricLabelsError(f"cannot read custom metric labels {path}: {exc}") from None
+    return parse_custom_labels(text, str(path))
 
 
 @dataclass
@@ -49,52 +99,94 @@ class _CounterFamily:
     def snapshot(self) -> Metric:
         metric = Metric(self.name, self.documentation, "counter")
         for label_values, value in self.values.items():
-            metric.add_sample(self.name, dict(zip(self.label_names, label_values)), value)
+            # An empty value is how Prometheus spells "no such label": leave it out, as Limitador
+            # drops a custom label whose CEL does not resolve.
+            labels = {name: value for name, value in zip(self.label_names, label_values) if value != ""}
+            metric.add_sample(self.name, labels, value)
         return metric
 
 
 class Metrics:
     """The service's metrics registry, shared by the HTTP and gRPC servers (thread-safe)."""
 
-    def __init__(self, limit_name_in_labels: bool = False) -> None:
+    def __init__(
+        self,
+        limit_name_in_labels: bool = False,
+        custom_labels: Mapping[str, Expression] | None = None,
+        total_suffix: bool = False,
+        limits_of: LimitsOf | None = None,
+    ) -> None:
         self.limit_name_in_labels = limit_name_in_labels
+        self.custom_labels = dict(sorted((custom_labels or {}).items()))
+        self.total_suffix = total_suffix
+        self._limits_of = limits_of
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
         self._lock = threading.Lock()
-        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls", (NAMESPACE_LABEL,))
-        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits", (NAMESPACE_LABEL,))
-        limited_labels = (NAMESPACE_LABEL, LIMIT_NAME_LABEL) if limit_name_in_labels else (NAMESPACE_LABEL,)
-        self._limited_calls = _CounterFamily("limited_calls", "Limited calls", limited_labels)
+        labels = (NAMESPACE_LABEL, *self.custom_labels)
+        if limit_name_in_labels:
+            labels = (*labels, LIMIT_NAME_LABEL)
+        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls", labels)
+        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits", labels)
+        self._limited_calls = _CounterFamily("limited_calls", "Limited calls", labels)
         self._families = (self._authorized_calls, self._authorized_hits, self._limited_calls)
         self.registry = CollectorRegistry(auto_describe=True)
         """Other parts of the service may register their own collectors here."""
         self.registry.register(self)
         Gauge("limitador_up", "Limitador is running", registry=self.registry).set(1)
 
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """An async step run before each scrape: collectors are synchronous, but reading counters
+        from a storage (Redis) is not, so such collectors fetch their snapshot here."""
+        self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        for refresh in self._refreshers:
+            await refresh()
+
     # -- recording -------------------------------------------------------------------------------
 
     def record_authorized(self, namespace: str, descriptors: Descriptors, hits: int) -> None:
         """An admitted check-and-report (or ShouldRateLimit / CheckRateLimit) call."""
-        labels = self._labels(namespace, descriptors)
+        labels = self._labels(namespace, descriptors, self._applicable_names(namespace, descriptors))
         with self._lock:
             self._authorized_calls.inc(labels, 1)
             self._authorized_hits.inc(labels, hits)
 
     def record_reported(self, namespace: str, descriptors: Descriptors, hits: int) -> None:
         """A Kuadrant Report: hits were charged, but no call was decided."""
-        labels = self._labels(namespace, descriptors)
+        labels = self._labels(namespace, descriptors, self._applicable_names(namespace, descriptors))
         with self._lock:
             self._authorized_hits.inc(labels, hits)
 
     def record_limited(self, namespace: str, descriptors: Descriptors, limit: Limit | None) -> None:
         """A limited call; `limit` is the first limit that refused it (Limitador names only that one)."""
-        labels = self._labels(namespace, descriptors)
-        if self.limit_name_in_labels:
-            labels = (*labels, (limit.name if limit is not None else None) or "")
+        labels = self._labels(namespace, descriptors, (limit.name if limit is not None else None) or "")
         with self._lock:
             self._limited_calls.inc(labels, 1)
 
-    def _labels(self, namespace: str, descriptors: Descriptors) -> tuple[str, ...]:
-        """Label values shared by every family; custom labels from the descriptors will join here."""
-        return (namespace,)
+    def _applicable_names(self, namespace: str, descriptors: Descriptors) -> str:
+        """`limit_name` of an admitted call: the names of every limit that counted it, joined by ","
+        (one name for a MaaS subscription, whose windows share it), so `sum` never counts a call twice."""
+        if not self.limit_name_in_labels or self._limits_of is None:
+            return ""
+        try:
+            limits = self._limits_of(namespace, descriptors)
+        except ValueError:  # descriptors the engine refused: the call was not counted by any limit
+            return ""
+        return ",".join(sorted({limit.name for limit in limits if limit.name}))
+
+    def _labels(self, namespace: str, descriptors: Descriptors, limit_name: str) -> tuple[str, ...]:
+        """Label values in the families' label order: namespace, custom labels, limit name."""
+        values = [namespace]
+        for expression in self.custom_labels.values():
+            try:
+                value = expression.evaluate(descriptors, _NO_LIMIT)
+            except Exception:  # noqa: BLE001 - a label must never fail the call it describes
+                value = None
+            values.append(value or "")
+        if self.limit_name_in_labels:
+            values.append(limit_name)
+        return tuple(values)
 
     # -- exposition ------------------------------------------------------------------------------
 
@@ -111,7 +203,7 @@ class Metrics:
         parts = []
         for metric in self.registry.collect():
             if metric.type in ("counter", "gauge"):
-                parts.append("".join(_render_simple(metric)).encode("utf-8"))
+                parts.append("".join(_render_simple(metric, self.total_suffix)).encode("utf-8"))
             else:
                 parts.append(generate_latest(_Single(metric)))
         return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
@@ -127,14 +219,17 @@ class _Single:
         return [self.metric]
 
 
-def _render_simple(metric: Metric) -> Iterator[str]:
-    """A counter or gauge family under its own name (no `_total`), values as Limitador prints them."""
-    yield f"# HELP {metric.name} {_escape_help(metric.documentation)}\n"
-    yield f"# TYPE {metric.name} {metric.type}\n"
+def _render_simple(metric: Metric, total_suffix: bool = False) -> Iterator[str]:
+    """A counter or gauge family under its own name (no `_total`, unless asked: then named as
+    prometheus_client and OpenTelemetry name counters), values as Limitador prints them."""
+    suffix = "_total" if total_suffix and metric.type == "counter" else ""
+    name = metric.name + suffix
+    yield f"# HELP {name} {_escape_help(metric.documentation)}\n"
+    yield f"# TYPE {name} {metric.type}\n"
     for sample in metric.samples:
-        labels = ",".join(f'{name}="{_escape_label(value)}"' for name, value in sorted(sample.labels.items()))
+        labels = ",".join(f'{label}="{_escape_label(value)}"' for label, value in sorted(sample.labels.items()))
         label_text = "{" + labels + "}" if labels else ""
-        yield f"{sample.name}{label_text} {_format_value(sample.value)}\n"
+        yield f"{sample.name}{suffix}{label_text} {_format_value(sample.value)}\n"
 
 
 def _format_value(value: float) -> str:
