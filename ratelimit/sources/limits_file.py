@@ -1,4 +1,4 @@
-"""Hot reload of a Limitador limits file.
+"""Hot reload of a Limitador limits file, or of a directory of YAML files (`serve --maas DIR`).
 
 Limitador watches the file's directory with inotify events and misses a same-directory atomic
 rename (`mv tmp limits.yaml`, issue #523). This watcher polls instead: every `interval` seconds it
@@ -15,7 +15,12 @@ write in progress is not read half-done): the limits are applied only when the c
 from the last content seen, so a `touch` or a ConfigMap resync with the same data does not bump
 `config_version`. A change is thus applied within about two intervals.
 
-Polling costs one stat per interval, needs no extra dependency and also works where inotify does
+A directory is watched the same way, file by file: its YAML files' fingerprints together are the
+directory's, and the content hash covers every file, so adding, removing or changing any of them
+is a change. What the content means is the loader's business: by default a Limitador limits file,
+for `--maas` the MaaS custom resources translated (ratelimit.sources.maas).
+
+Polling costs one stat per file per interval, needs no extra dependency and also works where inotify does
 not (NFS, some container overlays); kubelet itself only syncs ConfigMaps every minute or so, so a
 one-second poll adds nothing noticeable.
 """
@@ -28,7 +33,9 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError, parse_limits
@@ -45,6 +52,33 @@ _RACY_SECONDS = 2.0
 
 # Stands for "no content" (missing or unreadable file), so that state is reported once, not per poll.
 _MISSING_DIGEST = b"missing"
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+Loader = Callable[[Mapping[str, bytes]], list[Limit]]
+"""Limits from the watched files' contents (path -> bytes); raises LimitsError."""
+
+
+def load_limits_file_contents(files: Mapping[str, bytes]) -> list[Limit]:
+    """The default loader: one Limitador limits file."""
+    [(source, data)] = files.items()
+    try:
+        return parse_limits(data.decode("utf-8"), source)
+    except UnicodeDecodeError as exc:
+        raise LimitsError(source, f"not UTF-8: {exc}") from None
+
+
+def yaml_files(path: str | os.PathLike[str]) -> list[str]:
+    """A file itself, or a directory's *.yaml / *.yml files (recursively, sorted). Hidden entries are
+    skipped: a ConfigMap volume holds its files twice, under `..<timestamp>/` and through `..data`."""
+    root = Path(path)
+    if not root.is_dir():
+        return [os.fspath(path)]
+    return sorted(
+        str(p) for p in root.rglob("*")
+        if p.suffix in YAML_SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        and p.is_file()
+    )
 
 
 @dataclass(frozen=True)
@@ -65,14 +99,16 @@ class _Missing:
 
 
 class LimitsFileWatcher:
-    """Keeps a RateLimiter's limits in step with a limits file, recording each outcome in a ConfigStatus.
+    """Keeps a RateLimiter's limits in step with a limits file (or a directory read by `loader`),
+    recording each outcome in a ConfigStatus.
 
     Use `load()` once at startup (it raises LimitsError, so a bad file stops the service), then run
     the watcher with `async with watcher:` or `start()` / `await stop()`.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], engine: RateLimiter, status: ConfigStatus, interval: float = DEFAULT_INTERVAL
+        self, path: str | os.PathLike[str], engine: RateLimiter, status: ConfigStatus, interval: float = DEFAULT_INTERVAL,
+        loader: Loader = load_limits_file_contents,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"reload interval must be positive, got {interval}")
@@ -80,7 +116,8 @@ class LimitsFileWatcher:
         self.engine = engine
         self.status = status
         self.interval = interval
-        self._fingerprint: _Fingerprint | _Missing | None = None
+        self.loader = loader
+        self._fingerprint: tuple[_Fingerprint, ...] | _Missing | None = None
         self._settling = False
         self._digest: bytes | None = None
         """Hash of the last content tried (applied or rejected), so each version is handled once."""
@@ -128,32 +165,41 @@ class LimitsFileWatcher:
         self._apply(digest, limits)
         return True
 
-    def _stat(self) -> _Fingerprint | _Missing:
+    def _stat(self) -> tuple[_Fingerprint, ...] | _Missing:
+        fingerprints = []
         try:
-            stat = os.stat(self.path)  # follows the whole symlink chain, like reading does
-            real_path = os.path.realpath(self.path)
+            for path in yaml_files(self.path):
+                stat = os.stat(path)  # follows the whole symlink chain, like reading does
+                real_path = os.path.realpath(path)
+                fingerprints.append(
+                    _Fingerprint(real_path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+                )
         except OSError as exc:
             return _Missing(f"cannot read: {exc}")
-        return _Fingerprint(real_path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        return tuple(fingerprints)
 
     @staticmethod
-    def _is_racy(fingerprint: _Fingerprint | _Missing) -> bool:
-        return isinstance(fingerprint, _Fingerprint) and time.time() - fingerprint.mtime_ns / 1e9 < _RACY_SECONDS
+    def _is_racy(fingerprint: tuple[_Fingerprint, ...] | _Missing) -> bool:
+        return isinstance(fingerprint, tuple) and any(
+            time.time() - file.mtime_ns / 1e9 < _RACY_SECONDS for file in fingerprint
+        )
 
     def _read(self) -> tuple[bytes, list[Limit]]:
         """The content's hash and limits. Reads once, so the hash is of exactly what was parsed."""
+        files: dict[str, bytes] = {}
+        digest = hashlib.sha256()
         try:
-            with open(self.path, "rb") as handle:
-                data = handle.read()
+            for path in yaml_files(self.path):
+                with open(path, "rb") as handle:
+                    files[path] = handle.read()
+                # Name and length delimit each file, so moving bytes between files is a change.
+                digest.update(f"{path}\0{len(files[path])}\0".encode() + files[path])
         except OSError as exc:
             raise _RejectedContent(_MISSING_DIGEST, LimitsError(self.path, f"cannot read: {exc}")) from None
-        digest = hashlib.sha256(data).digest()
         try:
-            return digest, parse_limits(data.decode("utf-8"), self.path)
-        except UnicodeDecodeError as exc:
-            raise _RejectedContent(digest, LimitsError(self.path, f"not UTF-8: {exc}")) from None
+            return digest.digest(), self.loader(files)
         except LimitsError as exc:
-            raise _RejectedContent(digest, exc) from None
+            raise _RejectedContent(digest.digest(), exc) from None
 
     def _apply(self, digest: bytes, limits: list[Limit]) -> None:
         self.engine.configure_with(limits)
