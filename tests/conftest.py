@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -76,6 +78,10 @@ class ServiceProcess:
         self._log: IO[bytes] = tempfile.TemporaryFile()
         self.url = f"http://{self.host}:{self.http_port}"
         self.http = httpx.Client(base_url=self.url, timeout=10.0)
+        self.grpc_target = f"{self.host}:{self.rls_port}"
+        # Reconnect quickly: the default backoff (1 s, growing) would outlast a service restart.
+        self.grpc = grpc.insecure_channel(self.grpc_target, options=[("grpc.max_reconnect_backoff_ms", 200)])
+        """A channel to the gRPC server, for stubs (`RateLimitServiceStub(service.grpc)`)."""
 
     @property
     def command(self) -> list[str]:
@@ -92,12 +98,12 @@ class ServiceProcess:
         env.update(self.extra_env)
         self.process = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
-        while not self._answers_status():
+        while not (self._answers_status() and self._grpc_serving()):
             if self.process.poll() is not None:
                 raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"service did not answer /status within {timeout:g}s:\n{self.output()}")
+                raise RuntimeError(f"service not up (/status, gRPC health) within {timeout:g}s:\n{self.output()}")
             time.sleep(0.05)
         return self
 
@@ -106,6 +112,14 @@ class ServiceProcess:
             return self.http.get("/status", timeout=1.0).status_code == 200
         except httpx.TransportError:
             return False
+
+    def _grpc_serving(self) -> bool:
+        """The HTTP and gRPC servers start side by side: one answering says nothing of the other."""
+        try:
+            answer = health_pb2_grpc.HealthStub(self.grpc).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+        return answer.status == health_pb2.HealthCheckResponse.SERVING
 
     def status(self) -> dict:
         response = self.http.get("/status")
@@ -119,6 +133,7 @@ class ServiceProcess:
     def stop(self, signum: int = signal.SIGTERM) -> int | None:
         """Signal it (SIGTERM, as Kubernetes does), kill it if it lingers; returns the exit code."""
         self.http.close()
+        self.grpc.close()
         process = self.process
         if process is None:
             return None

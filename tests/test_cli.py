@@ -146,7 +146,7 @@ def test_validate_forms() -> None:
     assert parse_command(["validate"], {"LIMITS_FILE": "env.yaml"}) == Validate("env.yaml")
 
 
-@pytest.mark.parametrize("storage", ["redis", "redis_cached", "disk"])
+@pytest.mark.parametrize("storage", ["disk", "distributed"])
 def test_other_storages_are_not_supported_yet(storage: str, capsys: pytest.CaptureFixture[str]) -> None:
     message = usage_error(["serve", "limits.yaml", storage, "redis://localhost:6379"], capsys)
     assert f"storage {storage!r} is not supported yet" in message

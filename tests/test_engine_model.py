@@ -14,7 +14,6 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invaria
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
-from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import MemoryStorage
 from tests.reference_model import ModelAnswer, ReferenceModel
 
@@ -44,7 +43,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.next_id = 0
 
-    def make_storage(self) -> Storage:
+    def make_storage(self) -> MemoryStorage:
         """The storage under test, on the machine's clock (subclasses test other storages)."""
         # A tiny capacity makes the storage reuse rows of expired counters all the time.
         return MemoryStorage(capacity=6, clock=lambda: self.now_ms / 1000)

@@ -18,15 +18,22 @@ import uvicorn
 from fastapi import FastAPI
 
 from ratelimit.engine import RateLimiter
-from ratelimit.metrics import Metrics
+from ratelimit.metrics import Metrics, load_custom_labels
+from ratelimit.server.grpc import GrpcServer
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
-from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher
+from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, load_limits_file_contents
+from ratelimit.sources.maas import limits_from_files
+from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
+from ratelimit.storage.redis import DEFAULT_TIMEOUT, FailureMode, RedisStorage, StorageHealth
+from ratelimit.storage.redis_cached import (
+    DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_PERIOD, DEFAULT_MAX_CACHED, CachedRedisStorage,
+)
 
 logger = logging.getLogger(__name__)
 
-STORAGES = ("memory",)
+STORAGES = ("memory", "redis", "redis_cached")
 """Storages run_service can build; the CLI recognises more words and refuses them."""
 
 RATE_LIMIT_HEADER_MODES = ("NONE", "DRAFT_VERSION_03")
@@ -40,16 +47,38 @@ class ServiceConfig:
     """Everything `ratelimit serve` was told, after command line and environment were merged."""
 
     limits_file: str
+    maas: bool = False
+    """`limits_file` is a directory (or file) of MaaS custom resources to translate (`--maas DIR`)."""
     http_ip: str = "0.0.0.0"
     http_port: int = 8080
     rls_ip: str = "0.0.0.0"
-    """gRPC (Envoy RLS v3, Kuadrant RLS v1) address: parsed now, served once the gRPC server exists."""
+    """gRPC (Envoy RLS v3, Kuadrant RLS v1, health) address."""
     rls_port: int = 8081
+    grpc_reflection: bool = False
+    """Register gRPC server reflection (`--grpc-reflection-service`)."""
     storage: str = "memory"
     cache_size: int | None = None
     """Memory storage capacity in counters (`memory -c N`); None means the storage's default."""
+    storage_url: str | None = None
+    """`redis URL` / `redis_cached URL`."""
+    on_storage_error: str = "closed"
+    """What a decision answers when the storage cannot: closed (503 / UNAVAILABLE) or open (admitted)."""
+    response_timeout: float = DEFAULT_TIMEOUT
+    """Seconds a decision may wait for Redis."""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    flush_period: float = DEFAULT_FLUSH_PERIOD
+    """redis_cached: seconds between write-backs."""
+    max_cached: int = DEFAULT_MAX_CACHED
     rate_limit_headers: str = "NONE"
     limit_name_in_labels: bool = False
+    custom_metric_labels: str | None = None
+    """`-L FILE`: YAML map of metric label -> CEL expression over `descriptors` (Limitador's option)."""
+    metrics_total_suffix: bool = False
+    """Name counters `<name>_total` (OpenMetrics style) instead of Limitador's bare names."""
+    quota_metrics: bool = False
+    """Serve the exporter's quota gauges on /metrics."""
+    model_catalog: tuple[str, ...] = ()
+    """Model CR / models files for `ratelimit_model_info`."""
     api_token: str | None = None
     log_level: str = "error"
     """A uvicorn log level name: critical, error, warning, info, debug or trace."""
@@ -112,23 +141,56 @@ def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
         raise ValueError(f"storage {config.storage!r} is not supported yet; supported: {', '.join(STORAGES)}")
     if config.rate_limit_headers not in RATE_LIMIT_HEADER_MODES:
         raise ValueError(f"rate limit headers must be one of {', '.join(RATE_LIMIT_HEADER_MODES)}")
-    engine = RateLimiter(MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY))
+    engine = RateLimiter(build_storage(config))
     status = ConfigStatus(source=config.limits_file)
-    watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval)
+    loader = limits_from_files if config.maas else load_limits_file_contents
+    watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval, loader)
     watcher.load()
     options = ServiceOptions(
         rate_limit_headers=config.rate_limit_headers == "DRAFT_VERSION_03", api_token=config.api_token
     )
-    metrics = Metrics(limit_name_in_labels=config.limit_name_in_labels)
+    metrics = build_metrics(config, engine)
+    metrics.registry.register(StorageHealth(engine.storage))
     return Service(engine=engine, metrics=metrics, status=status, options=options), watcher
+
+
+def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
+    """Raises MetricLabelsError / CatalogError (ValueErrors) when a metrics file is invalid."""
+    # The exporter is optional and outside the core: imported only where it is wired in.
+    from exporter.service import install_model_catalog, install_quota_metrics
+
+    custom_labels = load_custom_labels(config.custom_metric_labels) if config.custom_metric_labels else {}
+    metrics = Metrics(
+        limit_name_in_labels=config.limit_name_in_labels, custom_labels=custom_labels,
+        total_suffix=config.metrics_total_suffix,
+        limits_of=lambda namespace, descriptors: [c.limit for c in engine.counters_for(namespace, descriptors).counters],
+    )
+    if config.quota_metrics:
+        install_quota_metrics(metrics, engine, custom_labels)
+    if config.model_catalog:
+        install_model_catalog(metrics, config.model_catalog)
+    return metrics
+
+
+def build_storage(config: ServiceConfig) -> Storage:
+    if config.storage == "memory":
+        return MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY)
+    assert config.storage_url is not None
+    if config.storage == "redis":
+        storage = RedisStorage(config.storage_url, config.response_timeout)
+    else:
+        storage = CachedRedisStorage(
+            config.storage_url, config.response_timeout, batch_size=config.batch_size,
+            flush_period=config.flush_period, max_cached=config.max_cached,
+        )
+    return FailureMode(storage, config.on_storage_error)  # type: ignore[arg-type]
 
 
 def build_servers(service: Service, config: ServiceConfig) -> list[ManagedServer]:
     servers: list[ManagedServer] = [
         HttpServer(create_http_app(service), config.http_ip, config.http_port, config.log_level),
+        GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS),
     ]
-    # The gRPC server (Envoy RLS v3 + Kuadrant RLS v1, health, reflection) joins this list,
-    # listening on config.rls_ip:config.rls_port.
     return servers
 
 
@@ -138,8 +200,9 @@ async def run_service(config: ServiceConfig) -> None:
     try:
         servers = build_servers(service, config)
         logger.info(
-            "serving %d limits from %s; HTTP on %s:%d",
+            "serving %d limits from %s; HTTP on %s:%d, gRPC on %s:%d",
             len(service.engine.all_limits()), config.limits_file, config.http_ip, config.http_port,
+            config.rls_ip, config.rls_port,
         )
         async with watcher:
             await serve_until_signalled(servers)

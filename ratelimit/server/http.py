@@ -346,6 +346,7 @@ def create_http_app(service: Service) -> FastAPI:
         responses={200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": _STRING}}}},
     )
     async def metrics() -> Response:
+        await service.metrics.refresh()
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 

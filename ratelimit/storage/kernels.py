@@ -110,3 +110,17 @@ def live_rows(table: np.ndarray, used: int, wanted_limits: np.ndarray, now_ms: i
             found[count] = row
             count += 1
     return found[:count]
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, with the argument types the storage
+    uses, so the first real decision does not take long enough to miss Envoy's RLS timeout."""
+    table = np.zeros((1, ROW_WIDTH), dtype=np.int64)
+    table[:, LIMIT_NO] = -1
+    limits = np.zeros((1, 2), dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
+    one = np.zeros(1, dtype=np.int64)
+    decide(table, limits, none, none, one, one, none, none, CHECK, 0, none)
+    release(table, none, 0)
+    reclaimable_rows(table, 1, 0)
+    live_rows(table, 1, np.zeros(1, dtype=np.bool_), 0)

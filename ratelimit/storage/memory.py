@@ -93,6 +93,7 @@ class MemoryStorage(Storage):
         if capacity < 1:
             raise ValueError(f"memory storage capacity must be at least 1 counter, got {capacity}")
         self.capacity = capacity
+        kernels.warm_up()
         self._clock = clock
         self._lock = threading.Lock()
         self._table = self._new_rows(min(_INITIAL_ROWS, capacity))
