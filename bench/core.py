@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import multiprocessing
 import os
-import platform
 import statistics
-import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
@@ -34,6 +31,7 @@ from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage as LimitsMemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
+from bench.report import machine_facts, write_results
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
 from ratelimit.storage import kernels
@@ -439,27 +437,7 @@ def rate_row(target_id: str, what: str, timing: Timing, vs_limits: float | None,
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    return {
-        "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
-        "cpu": model,
-        "load_average_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "numba": numba.__version__,
-        "numpy": np.__version__,
-        "limits": limits.__version__,
-    }
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        with open(path) as file:
-            return file.readlines()
-    except OSError:
-        return []
+    return machine_facts(numba=numba.__version__, numpy=np.__version__, limits=limits.__version__)
 
 
 def format_value(value: float, unit: str) -> str:
@@ -511,10 +489,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"median and best of {config.p1_repeats}; P2 median and best of {config.p2_repeats}; "
           f"P5 at {3 * config.p5_users:,} counters\n")
     print(markdown_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "config": asdict(config), "total_seconds": total,
-                                     "results": [asdict(row) for row in rows]}, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
+    write_results(args.json, {"machine": info, "config": asdict(config), "total_seconds": total,
+                              "results": [asdict(row) for row in rows]})
 
 
 if __name__ == "__main__":

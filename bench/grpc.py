@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import platform
 import re
 import shutil
 import socket
@@ -39,6 +36,8 @@ import yaml
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.report import machine_facts, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "bench" / "results" / "grpc.json"
@@ -376,16 +375,10 @@ def bench_p6(config: Config, work: Path, ours_port: int, bare_port: int) -> list
 
 
 def machine() -> dict[str, Any]:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     h2load_version = subprocess.run(["h2load", "--version"], capture_output=True, text=True, check=True).stdout.strip()
     envoy_version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    return {
-        "nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "cpu": model,
-        "load_average_at_start": os.getloadavg(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "grpcio": grpc.__version__, "h2load": h2load_version,
-        "envoy": envoy_version.rsplit("version: ", 1)[-1],
-    }
+    return machine_facts(grpcio=grpc.__version__, h2load=h2load_version,
+                         envoy=envoy_version.rsplit("version: ", 1)[-1])
 
 
 def format_value(value: float, unit: str) -> str:
@@ -452,10 +445,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{config.mode} run, {total:.0f} s; P3 median and best of {config.p3_rounds} x {config.p3_seconds} s; "
           f"P6 over {config.p6_rounds} x {config.p6_seconds} s per listener\n")
     print(markdown_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "config": asdict(config), "total_seconds": total,
-                                     "results": [asdict(row) for row in rows]}, indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
+    write_results(args.json, {"machine": info, "config": asdict(config), "total_seconds": total,
+                              "results": [asdict(row) for row in rows]})
 
 
 if __name__ == "__main__":

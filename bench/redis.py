@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import socket
 import subprocess
 import tempfile
@@ -26,6 +25,7 @@ from limits import RateLimitItem
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
+from bench.report import write_results
 from bench.core import (
     NAMESPACE,
     WINDOWS,
@@ -242,11 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{config.mode} run, {total:.0f} s; Redis {info['redis']}; {CONCURRENCY} concurrent callers; "
           f"{config.requests:,} requests per pass, median and best of {config.repeats}\n")
     print(markdown_table(rows))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "config": asdict(config), "concurrency": CONCURRENCY,
-                                     "total_seconds": total, "results": [asdict(row) for row in rows]},
-                                    indent=2) + "\n")
-    print(f"\nJSON: {args.json}")
+    write_results(args.json, {"machine": info, "config": asdict(config), "concurrency": CONCURRENCY,
+                              "total_seconds": total, "results": [asdict(row) for row in rows]})
 
 
 if __name__ == "__main__":

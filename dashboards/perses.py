@@ -6,6 +6,7 @@ the generated files against the same rules.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,15 @@ class Dashboard:
     def plain(self, project: str) -> Spec:
         """The Perses API's own form (`percli apply`, `percli lint`)."""
         return {"kind": "Dashboard", "metadata": {"name": self.name, "project": project}, "spec": self.spec()}
+
+
+def with_all_values(promql: str, variables: list[Spec]) -> str:
+    """A query as Perses sends it with every variable at "All": `$name` / `${name}` become the
+    variable's `customAllValue` (`.*` for ours)."""
+    for variable in variables:
+        name, all_value = variable["spec"]["name"], variable["spec"].get("customAllValue", ".*")
+        promql = re.sub(r"\$(\{" + re.escape(name) + r"\}|" + re.escape(name) + r"\b)", lambda _, value=all_value: value, promql)
+    return promql
 
 
 def all_queries(spec: Spec) -> list[str]:

@@ -12,29 +12,40 @@ Labels: `limitador_namespace`, then the custom labels of Limitador's `-L` file (
 `descriptors`), then `limit_name` with `-l`. Label values come from requests, so every family keeps
 at most `MAX_SERIES` label sets; later ones are folded into one `OVERFLOW_LABEL` series instead of
 growing without bound.
+
+`datastore_latency` (a histogram, seconds) is timed by `TimedStorage`, a decorator around the
+engine's storage built here rather than in `ratelimit.storage`, so the core never imports metrics.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import yaml
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.utils import floatToGoString
 
 from ratelimit.cel import CelError, Expression, compile_expression
+from ratelimit.counters import Authorization, CounterStatus
 from ratelimit.limits import Limit
+from ratelimit.storage.base import CounterSet, Storage
 
 NAMESPACE_LABEL = "limitador_namespace"
 LIMIT_NAME_LABEL = "limit_name"
 MAX_SERIES = 10_000
 OVERFLOW_LABEL = "__overflow__"
+# Seconds. A Redis decision (one Lua script) takes ~0.1-2 ms on a LAN; the upper buckets catch a
+# slow or unreachable Redis up to and past the default --response-timeout.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Custom labels see no limit (they label the call, not one of its counters), as in Limitador.
@@ -205,6 +216,8 @@ class Metrics:
             if metric.type in ("counter", "gauge"):
                 parts.append("".join(_render_simple(metric, self.total_suffix)).encode("utf-8"))
             else:
+                # Without prometheus_client's `<name>_created` gauges: Limitador has none.
+                metric.samples = [s for s in metric.samples if s.name != metric.name + "_created"]
                 parts.append(generate_latest(_Single(metric)))
         return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
 
@@ -245,3 +258,68 @@ def _escape_help(text: str) -> str:
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+T = TypeVar("T")
+
+
+class TimedStorage(Storage):
+    """Any storage, with each decision's wall time observed into `latency` (`datastore_latency`,
+    register it on `Metrics.registry`). One observation per call to the wrapped storage, so a
+    batch (one Lua round trip) counts once. Failures and timeouts are observed too: a slow or
+    unreachable Redis is what the histogram is for. Listing counters is not a decision and is
+    not timed (a quota scrape would otherwise skew it).
+
+    The service wraps only Redis storages, as Limitador times only its datastore: a memory
+    decision is one numba call, where timing would cost as much as the decision and show nothing.
+    """
+
+    def __init__(self, storage: Storage, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.storage = storage
+        # Unregistered: the service adds it to its Metrics.registry once that exists.
+        self.latency = Histogram("datastore_latency", "Latency to the underlying counter datastore (seconds)",
+                                 buckets=buckets, registry=None)
+
+    # What StorageHealth (datastore_partitioned, datastore_errors) reads from the storage it watches.
+    @property
+    def partitioned(self) -> bool:
+        return bool(getattr(self.storage, "partitioned", False))
+
+    @property
+    def errors(self) -> int:
+        return int(getattr(self.storage, "errors", 0))
+
+    async def _timed(self, decision: Awaitable[T]) -> T:
+        # The coroutine does nothing until awaited, so the clock starts with the work.
+        start = time.perf_counter()
+        try:
+            return await decision
+        finally:
+            self.latency.observe(time.perf_counter() - start)
+
+    def configure(self, limits: Sequence[Limit]) -> None:
+        self.storage.configure(limits)
+
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+        return await self._timed(self.storage.check_and_update(counters, delta, load_counters))
+
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+        return await self._timed(self.storage.is_within_limits(counters, delta))
+
+    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+        return await self._timed(self.storage.update_counters(counters, delta))
+
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+        return await self._timed(self.storage.reserve(counters, amount, ttl_seconds))
+
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+        return await self._timed(self.storage.commit(reservation_id, counters, actual))
+
+    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
+        return await self._timed(self.storage.check_and_update_batch(sets, deltas))
+
+    async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
+        return await self.storage.get_counters(limits)
+
+    async def close(self) -> None:
+        await self.storage.close()

@@ -1,13 +1,19 @@
 """A real Prometheus (Debian `prometheus`) on a free loopback port, with its own temporary config
-and data directory, scraping given targets every second. Always stopped at teardown."""
+and data directory, scraping given targets every second. Always stopped at teardown.
+
+`observed`: such a Prometheus scraping the real service (-L user/model/subscription, -l,
+--quota-metrics, the model catalog) while a token workload runs through its HTTP API, plus a small
+emitter of vLLM and DCGM series."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +21,15 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_ports
+from tests.conftest import EXAMPLES, ServiceProcess, free_ports
 
 STARTUP_TIMEOUT = 30.0
 SCRAPE_INTERVAL = "1s"
+
+OBSERVABILITY = EXAMPLES / "observability"
+EXTERNAL, GPU = "maas-demo/gpt-4o", "maas-demo/qwen3-8b-kserve-route"
+# (user, subscription, tokens per call): alice runs into the free 2000-token window, bob never does.
+CALLERS = (("alice", "free", 300), ("bob", "premium", 10), ("carol", "premium", 5))
 
 
 class PrometheusProcess:
@@ -102,3 +113,95 @@ def start_prometheus() -> Iterator:
         prometheus.stop()
     for work_dir in work_dirs:
         work_dir.cleanup()
+
+
+class GpuEmitter:
+    """vLLM (KServe-prefixed) and DCGM series in their real formats; counters grow per scrape."""
+
+    def __init__(self) -> None:
+        self.scrapes = 0
+        emitter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                emitter.scrapes += 1
+                body = emitter.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def render(self) -> str:
+        n = self.scrapes
+        labels = 'model_name="qwen3-8b",engine="0"'
+        dcgm = 'gpu="0",UUID="GPU-1",device="nvidia0",modelName="NVIDIA L40S",Hostname="node-1"'
+        lines = [
+            f"kserve_vllm:prompt_tokens_total{{{labels}}} {100 * n}",
+            f"kserve_vllm:generation_tokens_total{{{labels}}} {250 * n}",
+            f"kserve_vllm:num_requests_waiting{{{labels}}} 2",
+            f"kserve_vllm:num_requests_running{{{labels}}} 5",
+            f"kserve_vllm:kv_cache_usage_perc{{{labels}}} 0.42",
+            *(f'kserve_vllm:time_to_first_token_seconds_bucket{{{labels},le="{le}"}} {n * share}'
+              for le, share in (("0.1", 2), ("0.5", 8), ("1.0", 10), ("+Inf", 10))),
+            f"kserve_vllm:time_to_first_token_seconds_count{{{labels}}} {10 * n}",
+            f"kserve_vllm:time_to_first_token_seconds_sum{{{labels}}} {3.1 * n}",
+            f"DCGM_FI_DEV_GPU_UTIL{{{dcgm}}} 87",
+            f"DCGM_FI_DEV_FB_USED{{{dcgm}}} 30123",
+            f"DCGM_FI_DEV_POWER_USAGE{{{dcgm}}} 281.5",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def __enter__(self) -> GpuEmitter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Workload:
+    """Token calls through the HTTP API in a thread until stopped: the "while a workload runs"."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.stopped = threading.Event()
+        self.statuses: dict[tuple[str, int], int] = {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=10.0) as client:
+            while not self.stopped.is_set():
+                for namespace, model in ((EXTERNAL, "gpt-4o"), (GPU, "qwen3-8b")):
+                    for user, subscription, tokens in CALLERS:
+                        answer = client.post("/check_and_report", json={
+                            "namespace": namespace, "delta": tokens,
+                            "values": {"user": user, "model": model, "subscription": subscription}})
+                        key = (user, answer.status_code)
+                        self.statuses[key] = self.statuses.get(key, 0) + 1
+                self.stopped.wait(0.05)
+
+    def __enter__(self) -> Workload:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+@pytest.fixture
+def observed(start_service, start_prometheus) -> Iterator:  # noqa: F811 - pytest fixture injection
+    service: ServiceProcess = start_service(
+        OBSERVABILITY / "limits.yaml", "-L", str(OBSERVABILITY / "metric-labels.yaml"), "--quota-metrics",
+        "--model-catalog", str(OBSERVABILITY / "models.yaml"), "-l")
+    with GpuEmitter() as emitter, Workload(service.url) as workload:
+        prometheus = start_prometheus({"ratelimit": [f"127.0.0.1:{service.http_port}"], "vllm": [emitter.address]})
+        yield prometheus, workload

@@ -13,8 +13,16 @@ from exporter.catalog import CatalogCollector, entries_from_documents
 from exporter.quota import OTHER, QuotaCollector
 from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit
-from ratelimit.metrics import MetricLabelsError, Metrics, parse_custom_labels
+from ratelimit.metrics import (
+    LATENCY_BUCKETS,
+    MetricLabelsError,
+    Metrics,
+    TimedStorage,
+    parse_custom_labels,
+)
+from ratelimit.server.app import ServiceConfig, build_service
 from tests.conftest import EXAMPLES
+from tests.redis_fixtures import redis_server  # noqa: F401 - a fixture
 
 LABELS = parse_custom_labels("user: descriptors[0]['user']\nmodel: descriptors[0].model\n")
 FREE = Limit("ns/gpt", 1000, 60, variables=("descriptors[0].user",), name="free-tokens")
@@ -118,3 +126,43 @@ def test_promtool_check_metrics_on_the_service(start_service, total: bool) -> No
     else:
         bare = ["authorized_calls", "authorized_hits", "datastore_errors", "limited_calls"]
         assert warnings == [f'{name} counter metrics should have "_total" suffix' for name in bare]
+
+
+def latency_samples(body: str) -> dict[str, float]:
+    """`datastore_latency` samples of a /metrics body: `_bucket{le="..."}`, `_count`, `_sum` -> value."""
+    return {line.split(" ")[0]: float(line.split(" ")[1])
+            for line in body.splitlines() if line.startswith("datastore_latency")}
+
+
+def test_datastore_latency_histogram_on_a_real_redis(start_service, redis_server) -> None:  # noqa: F811
+    """Every decision on Redis is one observation of Limitador's `datastore_latency`, rendered as a
+    Prometheus histogram (buckets, `_count`, `_sum`, in seconds; no `_created`), lint-clean."""
+    redis_server.client().flushall()
+    service = start_service(EXAMPLES / "observability" / "limits.yaml", "redis", redis_server.url)
+
+    def decide(times: int) -> str:
+        for _ in range(times):
+            answer = service.http.post("/check_and_report", json={
+                "namespace": "maas-demo/gpt-4o", "delta": 10, "values": {"user": "bob", "subscription": "premium"}})
+            assert answer.status_code == 200
+        return service.http.get("/metrics").text
+
+    before = latency_samples(decide(1))
+    assert "# TYPE datastore_latency histogram" in decide(0)
+    after = latency_samples(decide(5))
+    assert after["datastore_latency_count"] == before["datastore_latency_count"] + 5
+    assert after['datastore_latency_bucket{le="+Inf"}'] == after["datastore_latency_count"]
+    buckets = [value for name, value in after.items() if name.startswith("datastore_latency_bucket")]
+    assert len(buckets) == len(LATENCY_BUCKETS) + 1 and buckets == sorted(buckets)  # cumulative
+    assert 0 < after["datastore_latency_sum"] < after["datastore_latency_count"]  # seconds, not ms
+    assert not any("_created" in name for name in after)
+
+    lint = subprocess.run(["promtool", "check", "metrics"], input=decide(0).encode(), capture_output=True, check=False)
+    assert "datastore_latency" not in (lint.stdout + lint.stderr).decode()
+
+
+def test_memory_storage_has_no_datastore_latency() -> None:
+    """As in Limitador, only a datastore (Redis) is timed; memory decisions are not wrapped."""
+    service, _ = build_service(ServiceConfig(limits_file=str(EXAMPLES / "observability" / "limits.yaml")))
+    assert not isinstance(service.engine.storage, TimedStorage)
+    assert b"datastore_latency" not in service.metrics.render()[0]

@@ -146,6 +146,7 @@ class MemoryStorage(Storage):
             if removed:
                 self._free_rows_where(np.isin(self._table[: self._rows_used, LIMIT_NO], removed))
             self._generation += 1  # limit numbers of cached handles may name removed limits
+            self._plans = _PlanTable(self._generation)  # its plans are stale now: free them
             self._shortest_window_ms = min((limit.seconds * 1000 for limit in current.values()), default=0)
             self._next_sweep_ms = 0
 
