@@ -194,11 +194,12 @@ class RateLimiter:
         return await self.storage.check_and_update_batch(sets, delta_array)
 
     async def reserve(self, namespace: str, descriptors: Descriptors, amount: int, ttl_seconds: float) -> Decision:
-        """Hold `amount` on every counter if it fits; the decision carries the reservation id."""
+        """Hold `amount` on every counter if it fits; the decision carries the reservation id.
+        An amount of 0 holds 1: holding nothing would admit a caller whose budget is spent."""
         if not 0 < ttl_seconds <= MAX_RESERVATION_TTL:
             raise InvalidRequest("ttl_seconds", f"must be more than 0 and at most {MAX_RESERVATION_TTL:g} seconds")
         counters = self.counters_for(namespace, descriptors)
-        answer = await self.storage.reserve(counters, _checked_delta(amount, "amount"), ttl_seconds)
+        answer = await self.storage.reserve(counters, max(1, _checked_delta(amount, "amount")), ttl_seconds)
         decision = _decision(answer)
         decision.reservation_id = answer.reservation_id
         return decision

@@ -115,6 +115,7 @@ class ReferenceModel:
 
     def reserve(self, reservation_id: str, keys: list[tuple], amount: int, ttl_ms: int, now: int) -> ModelAnswer:
         self._expire_reservations(now)
+        amount = max(1, amount)  # holding nothing would admit a caller whose budget is spent
         limited_by = self._first_without_room(keys, amount, now)
         if limited_by is None:
             for key in keys:

@@ -75,7 +75,7 @@ class KuadrantRateLimitService:
         if namespace is None:
             return ReserveResponse(code=UNKNOWN)
         descriptors = _descriptors(request)
-        amount = checked_amount(request.amount, "amount") or 1
+        amount = checked_amount(request.amount, "amount")  # the engine holds at least 1
         ttl = request.ttl.seconds + request.ttl.nanos / 1e9
         try:
             decision = await self.service.engine.reserve(namespace, descriptors, amount, ttl)
