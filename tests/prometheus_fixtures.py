@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import EXAMPLES, ServiceProcess, free_ports
+from tests.processes import stop_process
 
 STARTUP_TIMEOUT = 30.0
 SCRAPE_INTERVAL = "1s"
@@ -84,13 +85,7 @@ class PrometheusProcess:
 
     def stop(self) -> None:
         self.http.close()
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 

@@ -22,9 +22,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.conftest import free_ports, wait_until
+from tests.processes import stop_process
 
 HOST = "127.0.0.1"
-STOP_TIMEOUT = 10.0
 
 
 class RedisServer:
@@ -79,14 +79,7 @@ class RedisServer:
 
     def _stop(self, signum: int) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signum)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, signum)
 
     def log(self) -> str:
         return (self.directory / f"redis-{self.port}.log").read_text(errors="replace")[-4000:]
