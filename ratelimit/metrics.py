@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import yaml
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import Metric
@@ -35,9 +34,8 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from prometheus_client.utils import floatToGoString
 
 from ratelimit.cel import CelError, Expression, compile_expression
-from ratelimit.counters import Authorization, CounterStatus
 from ratelimit.limits import Limit
-from ratelimit.storage.base import CounterSet, Storage
+from ratelimit.storage.base import Storage, StorageWrapper
 
 NAMESPACE_LABEL = "limitador_namespace"
 LIMIT_NAME_LABEL = "limit_name"
@@ -263,7 +261,7 @@ def _escape_label(value: str) -> str:
 T = TypeVar("T")
 
 
-class TimedStorage(Storage):
+class TimedStorage(StorageWrapper):
     """Any storage, with each decision's wall time observed into `latency` (`datastore_latency`,
     register it on `Metrics.registry`). One observation per call to the wrapped storage, so a
     batch (one Lua round trip) counts once. Failures and timeouts are observed too: a slow or
@@ -275,51 +273,15 @@ class TimedStorage(Storage):
     """
 
     def __init__(self, storage: Storage, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        self.storage = storage
+        super().__init__(storage)
         # Unregistered: the service adds it to its Metrics.registry once that exists.
         self.latency = Histogram("datastore_latency", "Latency to the underlying counter datastore (seconds)",
                                  buckets=buckets, registry=None)
 
-    # What StorageHealth (datastore_partitioned, datastore_errors) reads from the storage it watches.
-    @property
-    def partitioned(self) -> bool:
-        return bool(getattr(self.storage, "partitioned", False))
-
-    @property
-    def errors(self) -> int:
-        return int(getattr(self.storage, "errors", 0))
-
-    async def _timed(self, decision: Awaitable[T]) -> T:
+    async def around(self, decision: Awaitable[T]) -> T:
         # The coroutine does nothing until awaited, so the clock starts with the work.
         start = time.perf_counter()
         try:
             return await decision
         finally:
             self.latency.observe(time.perf_counter() - start)
-
-    def configure(self, limits: Sequence[Limit]) -> None:
-        self.storage.configure(limits)
-
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
-        return await self._timed(self.storage.check_and_update(counters, delta, load_counters))
-
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
-        return await self._timed(self.storage.is_within_limits(counters, delta))
-
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
-        return await self._timed(self.storage.update_counters(counters, delta))
-
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
-        return await self._timed(self.storage.reserve(counters, amount, ttl_seconds))
-
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
-        return await self._timed(self.storage.commit(reservation_id, counters, actual))
-
-    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        return await self._timed(self.storage.check_and_update_batch(sets, deltas))
-
-    async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
-        return await self.storage.get_counters(limits)
-
-    async def close(self) -> None:
-        await self.storage.close()

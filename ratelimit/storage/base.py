@@ -7,13 +7,15 @@ decision atomic (one numba kernel call under a lock in memory, one Lua script in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ratelimit.counters import Authorization, Counter, CounterStatus
 from ratelimit.limits import Limit
+
+T = TypeVar("T")
 
 
 class CounterSet:
@@ -78,3 +80,51 @@ class Storage(ABC):
 
     async def close(self) -> None:
         """Release connections and background tasks."""
+
+
+class StorageWrapper(Storage):
+    """A storage around another one (timing, a failure policy): forwards everything and passes each
+    decision's awaitable through `around`, so a wrapper overrides one hook, not the whole interface.
+    Listing counters and configuring are not decisions and go straight through."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    # What StorageHealth (datastore_partitioned, datastore_errors) reads, from whatever is inside.
+    @property
+    def partitioned(self) -> bool:
+        return bool(getattr(self.storage, "partitioned", False))
+
+    @property
+    def errors(self) -> int:
+        return int(getattr(self.storage, "errors", 0))
+
+    async def around(self, decision: Awaitable[T]) -> T:
+        return await decision
+
+    def configure(self, limits: Sequence[Limit]) -> None:
+        self.storage.configure(limits)
+
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+        return await self.around(self.storage.check_and_update(counters, delta, load_counters))
+
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+        return await self.around(self.storage.is_within_limits(counters, delta))
+
+    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+        return await self.around(self.storage.update_counters(counters, delta))
+
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+        return await self.around(self.storage.reserve(counters, amount, ttl_seconds))
+
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+        return await self.around(self.storage.commit(reservation_id, counters, actual))
+
+    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
+        return await self.around(self.storage.check_and_update_batch(sets, deltas))
+
+    async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
+        return await self.storage.get_counters(limits)
+
+    async def close(self) -> None:
+        await self.storage.close()

@@ -144,7 +144,7 @@ class MemoryStorage(Storage):
                 del self._limit_no_by_identity[self._limit_by_no[no].identity]
                 self._limit_by_no[no] = None
             if removed:
-                self._free_rows_where(np.isin(self._table[: self._rows_used, LIMIT_NO], removed))
+                self._free_rows_at(np.flatnonzero(np.isin(self._table[: self._rows_used, LIMIT_NO], removed)))
             self._generation += 1  # limit numbers of cached handles may name removed limits
             self._plans = _PlanTable(self._generation)  # its plans are stale now: free them
             self._shortest_window_ms = min((limit.seconds * 1000 for limit in current.values()), default=0)
@@ -307,14 +307,9 @@ class MemoryStorage(Storage):
         """Give back rows this decision added but did not charge (a limited request, a delta of 0),
         so they do not take room until the next sweep. Only this set's handle can name a fresh row."""
         untouched = [r for r in fresh if self._table[r, EXPIRES_AT] == 0 and self._table[r, RESERVED] == 0]
-        if not untouched:
-            return
-        for row in untouched:
-            del self._row_of_key[self._key_of_row[row]]
-            self._key_of_row[row] = None
-            self._table[row] = (0, 0, 0, -1)
-        self._free_rows.extend(untouched)
-        counter_set.storage_handle = None
+        if untouched:
+            self._forget_rows(untouched)
+            counter_set.storage_handle = None
 
     def _batch_plans(self, sets: Sequence[CounterSet], now: int) -> np.ndarray:
         """The plan number of every set; sets new to this generation are looked up and added."""
@@ -329,6 +324,8 @@ class MemoryStorage(Storage):
             stale = np.flatnonzero(plans < 0)
             if len(stale) == 0:
                 return plans
+            # Make room for the whole batch before the first row is added: a sweep in the middle
+            # would reclaim rows just added for this batch (still uncharged) and redo every lookup.
             missing = {
                 self._key(c, no)
                 for i in stale for c in sets[i].counters if (no := self._limit_no(c.limit)) is not None
@@ -377,23 +374,25 @@ class MemoryStorage(Storage):
             grown[: len(self._table)] = self._table
             self._table = grown
 
-    def _free_rows_where(self, mask: np.ndarray) -> None:
-        self._free_rows_at(np.flatnonzero(mask))
-
     def _free_rows_at(self, rows: np.ndarray) -> None:
+        """Free rows that cached handles may name (a sweep, removed limits): bumps the generation."""
         if len(rows) == 0:
             return
         self._generation += 1
-        held_rows = set(rows.tolist())
-        for row in held_rows:
+        self._forget_rows(rows.tolist())
+        # A reservation never holds a reusable row, except on a limit a reload removed: forget those rows.
+        for reservation in self._reservations.values():
+            kept = ~np.isin(reservation.rows, rows)
+            if not kept.all():
+                reservation.rows = reservation.rows[kept]
+
+    def _forget_rows(self, rows: list[int]) -> None:
+        """Unlink rows from their counters' keys and put them on the free list."""
+        for row in rows:
             del self._row_of_key[self._key_of_row[row]]
             self._key_of_row[row] = None
         self._table[rows] = (0, 0, 0, -1)
-        self._free_rows.extend(held_rows)
-        # A reservation never holds a reusable row, except on a limit a reload removed: forget those rows.
-        for reservation in self._reservations.values():
-            if np.isin(reservation.rows, rows).any():
-                reservation.rows = reservation.rows[~np.isin(reservation.rows, rows)]
+        self._free_rows.extend(rows)
 
     def _release_expired_reservations(self, now: int) -> None:
         expiries = self._reservation_expiries

@@ -64,7 +64,7 @@ from prometheus_client.core import Metric
 
 from ratelimit.counters import Authorization, Counter, CounterStatus, StorageError
 from ratelimit.limits import Limit
-from ratelimit.storage.base import CounterSet, Storage
+from ratelimit.storage.base import CounterSet, Storage, StorageWrapper
 from ratelimit.storage.redis_client import (
     RedisError,
     ReplyError,
@@ -532,7 +532,7 @@ class _Failures:
             raise StorageError(f"Redis is unreachable: {error}") from error
 
 
-class FailureMode(Storage):
+class FailureMode(StorageWrapper):
     """`--on-storage-error open|closed` around any storage.
 
     closed: a StorageError reaches the server, which answers HTTP 503 / gRPC UNAVAILABLE.
@@ -544,26 +544,19 @@ class FailureMode(Storage):
     def __init__(self, storage: Storage, mode: Literal["open", "closed"]) -> None:
         if mode not in ("open", "closed"):
             raise ValueError(f"on storage error must be open or closed, got {mode!r}")
-        self.storage = storage
+        super().__init__(storage)
         self.mode = mode
-        self.errors = 0
+        self._errors = 0
         self._failing = False
 
     @property
-    def partitioned(self) -> bool:
-        return bool(getattr(self.storage, "partitioned", False))
+    def errors(self) -> int:
+        return self._errors
 
-    def configure(self, limits: Sequence[Limit]) -> None:
-        self.storage.configure(limits)
-
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
-        return await self._decide(self.storage.check_and_update(counters, delta, load_counters))
-
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
-        return await self._decide(self.storage.is_within_limits(counters, delta))
-
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
-        return await self._decide(self.storage.update_counters(counters, delta))
+    async def around(self, decision: Awaitable[T]) -> T:
+        # check_and_update, is_within_limits and update_counters answer an Authorization; the
+        # decisions with other answers are overridden below.
+        return cast(T, await self._decide(cast(Awaitable[Authorization], decision)))
 
     async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
         # Admitted open, the reservation holds nothing; its commit will find it not held.
@@ -577,9 +570,6 @@ class FailureMode(Storage):
         self._recovered()
         return answer
 
-    async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
-        return await self.storage.get_counters(limits)
-
     async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
         try:
             limited = await self.storage.check_and_update_batch(sets, deltas)
@@ -588,9 +578,6 @@ class FailureMode(Storage):
             return np.zeros(len(sets), dtype=np.bool_)
         self._recovered()
         return limited
-
-    async def close(self) -> None:
-        await self.storage.close()
 
     async def _decide(self, decision: Awaitable[Authorization], reservation_id: str | None = None) -> Authorization:
         try:
@@ -601,7 +588,7 @@ class FailureMode(Storage):
         return answer
 
     def _failed(self, error: StorageError, reservation_id: str | None) -> Authorization:
-        self.errors += 1
+        self._errors += 1
         if not self._failing:
             self._failing = True
             logger.error("counter storage failing, answering %s: %s",
@@ -613,7 +600,7 @@ class FailureMode(Storage):
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
-            logger.warning("counter storage answering again after %d failed requests", self.errors)
+            logger.warning("counter storage answering again after %d failed requests", self._errors)
 
 
 class StorageHealth:
