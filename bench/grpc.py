@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,11 +36,14 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.report import machine_facts, write_results
+from ratelimit.tools.processes import free_ports, running
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "bench" / "results" / "grpc.json"
 ENVOY = Path(sys.executable).parent / "envoy"
 HOST = "127.0.0.1"
+# While a child starts, its port refuses connections.
+NOT_READY = (OSError, grpc.RpcError, httpx.TransportError)
 NAMESPACE = "bench"
 SHOULD_RATE_LIMIT = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 # One per-user limit that never refuses: the benchmark measures the path of an admitted request.
@@ -80,46 +81,6 @@ QUICK = Config("quick", p3_rounds=1, p3_seconds=4, p3_clients=4, p3_streams=16, 
 
 
 # -- processes -----------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct ports nothing listens on: all probed at once, so none is handed out twice."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind((HOST, 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-@contextlib.contextmanager
-def running(command: Sequence[str], ready: Callable[[], bool], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process, up once `ready()` says so, always stopped on the way out."""
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while not _ready(ready):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{command[0]} did not start:\n{log.read_text()}")
-                time.sleep(0.05)
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _ready(check: Callable[[], bool]) -> bool:
-    try:
-        return check()
-    except (OSError, grpc.RpcError, httpx.TransportError):
-        return False
 
 
 def grpc_serving(port: int) -> Callable[[], bool]:
@@ -311,7 +272,7 @@ def envoy_bootstrap(admin: int, backend: int, listeners: dict[str, tuple[int, in
 
 
 def bench_p6(config: Config, work: Path, ours_port: int, bare_port: int) -> list[Row]:
-    admin, backend, ours_listener, bare_listener, plain_listener = free_ports(5)
+    admin, backend, ours_listener, bare_listener, plain_listener = free_ports(5, HOST)
     listeners = {"ours": (ours_listener, ours_port), "bare": (bare_listener, bare_port), "plain": (plain_listener, None)}
     bootstrap = work / "envoy.yaml"
     bootstrap.write_text(yaml.safe_dump(envoy_bootstrap(admin, backend, listeners)))
@@ -324,7 +285,7 @@ def bench_p6(config: Config, work: Path, ours_port: int, bare_port: int) -> list
     def admin_ready() -> bool:
         return httpx.get(f"http://{HOST}:{admin}/ready").status_code == 200
 
-    with running(command, admin_ready, work / "envoy.log"):
+    with running("envoy", command, admin_ready, work / "envoy.log", NOT_READY, REPO):
         for round_no, name in in_turns(list(listeners), config.p6_rounds):
             log = work / f"p6-{name}-{round_no}.tsv"
             loads[name].append(h2load(f"http://{HOST}:{listeners[name][0]}/", [*paced, "-H", "x-user-id: alice"], log))
@@ -423,12 +384,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         work = Path(directory)
         limits = work / "limits.yaml"
         limits.write_text(LIMITS)
-        http_port, ours_port, bare_port = free_ports(3)
+        http_port, ours_port, bare_port = free_ports(3, HOST)
         ours_command = [sys.executable, "-m", "ratelimit.cli", "serve", str(limits), "-B", HOST, "-P", str(http_port),
                         "-b", HOST, "-p", str(ours_port)]
         bare_command = [sys.executable, "-m", "bench.grpc", "--bare-servicer", str(bare_port)]
-        with running(ours_command, grpc_serving(ours_port), work / "ours.log"), \
-                running(bare_command, grpc_serving(bare_port), work / "bare.log"):
+        with running("ratelimit serve", ours_command, grpc_serving(ours_port), work / "ours.log", NOT_READY, REPO), \
+                running("the bare servicer", bare_command, grpc_serving(bare_port), work / "bare.log", NOT_READY, REPO):
             for port in (ours_port, bare_port):
                 if should_rate_limit(port).overall_code != rls_pb2.RateLimitResponse.OK:
                     raise RuntimeError("the warm-up request was not answered OK")

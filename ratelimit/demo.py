@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,6 +31,7 @@ import httpx
 import yaml
 
 from ratelimit.sources.maas import parse_resources, read_files, select_subscription, subscriptions
+from ratelimit.tools.processes import free_ports, running
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CRS = EXAMPLES / "maas"
@@ -48,7 +46,8 @@ CHAT = {"model": "alibaba/qwen3-8b", "max_tokens": 100,
         "messages": [{"role": "user", "content": "Say hi in exactly one sentence."}]}
 # Section 10.1's users and groups, before Act 3 moves charlie.
 GROUPS = {"alice": frozenset({"premium-users"}), "bob": frozenset({"pro-users"}), "charlie": frozenset({"freemium-users"})}
-STARTUP_TIMEOUT = 60.0
+# While a child starts, its port refuses connections.
+NOT_READY = (httpx.TransportError,)
 
 
 @dataclass
@@ -69,41 +68,6 @@ class Transcript:
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def process(name: str, command: list[str], ready: Callable[[], bool], log: TextIO) -> Iterator[None]:
-    """Run a child until the block ends (terminate, then kill); fail with its output if it dies or
-    never gets ready."""
-    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _answers(ready):
-            if child.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"{name} did not start ({' '.join(command)}):\n{log.read()[-4000:]}")
-            time.sleep(0.1)
-        yield
-    finally:
-        child.terminate()
-        try:
-            child.wait(10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-
-
-def _answers(ready: Callable[[], bool]) -> bool:
-    try:
-        return ready()
-    except httpx.TransportError:
-        return False
 
 
 def envoy_bootstrap(ports: dict[int, int]) -> dict[str, Any]:
@@ -127,25 +91,23 @@ def envoy_bootstrap(ports: dict[int, int]) -> dict[str, Any]:
 @contextlib.contextmanager
 def stack(workdir: Path) -> Iterator[tuple[str, str]]:
     """Service, upstream and Envoy up; yields (Envoy's URL, the service's HTTP URL)."""
-    http, grpc, upstream, admin, listener = (free_port() for _ in range(5))
+    http, grpc, upstream, admin, listener = free_ports(5, HOST)
     service_url, envoy_url = f"http://{HOST}:{http}", f"http://{HOST}:{listener}"
     bootstrap = workdir / "envoy.yaml"
     bootstrap.write_text(yaml.safe_dump(envoy_bootstrap({9901: admin, 10000: listener, 9000: upstream, 8081: grpc})))
-    logs = [open(workdir / f"{name}.log", "w+") for name in ("service", "upstream", "envoy")]  # noqa: SIM115
     with contextlib.ExitStack() as stack_:
-        for log in logs:
-            stack_.callback(log.close)
-        stack_.enter_context(process(
+        stack_.enter_context(running(
             "ratelimit serve", [sys.executable, "-m", "ratelimit.cli", "serve", "--maas", str(CRS), "-B", HOST,
                                 "-P", str(http), "-b", HOST, "-p", str(grpc)],
-            lambda: httpx.get(f"{service_url}/status").status_code == 200, logs[0]))
-        stack_.enter_context(process(
+            lambda: httpx.get(f"{service_url}/status").status_code == 200, workdir / "service.log", NOT_READY))
+        stack_.enter_context(running(
             "the OpenAI upstream", [sys.executable, "-m", "ratelimit.tools.openai_upstream", "--host", HOST,
                                     "--port", str(upstream), "--model", MODEL],
-            lambda: httpx.get(f"http://{HOST}:{upstream}/v1/models").status_code == 200, logs[1]))
-        stack_.enter_context(process(
+            lambda: httpx.get(f"http://{HOST}:{upstream}/v1/models").status_code == 200, workdir / "upstream.log",
+            NOT_READY))
+        stack_.enter_context(running(
             "envoy", [str(ENVOY), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency", "1", "-l", "warning"],
-            lambda: httpx.get(f"http://{HOST}:{admin}/ready").status_code == 200, logs[2]))
+            lambda: httpx.get(f"http://{HOST}:{admin}/ready").status_code == 200, workdir / "envoy.log", NOT_READY))
         yield envoy_url, service_url
 
 

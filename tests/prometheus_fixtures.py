@@ -21,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
+from ratelimit.tools.processes import stop_process
 from tests.conftest import EXAMPLES, ServiceProcess, free_ports
-from tests.processes import stop_process
 
 STARTUP_TIMEOUT = 30.0
 SCRAPE_INTERVAL = "1s"

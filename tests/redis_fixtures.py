@@ -21,8 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ratelimit.tools.processes import stop_process
 from tests.conftest import free_ports, wait_until
-from tests.processes import stop_process
 
 HOST = "127.0.0.1"
 
