@@ -204,15 +204,21 @@ async def test_no_headers_unless_asked(client: Client) -> None:
     assert "X-RateLimit-Limit" not in response.headers
 
 
-async def test_the_service_option_turns_headers_on_for_every_call() -> None:
+async def test_the_service_option_leaves_http_headers_to_the_body() -> None:
+    """As in Limitador, -H/--rate-limit-headers is for the RLS: the HTTP API adds headers only
+    when the body's `response_headers` asks for them."""
     unnamed = f"- {{namespace: {NS}, max_value: 3, seconds: 3600, conditions: [], variables: []}}\n" + (
         f"- {{namespace: {NS}, max_value: 5, seconds: 60, conditions: [], variables: []}}"
     )
     async with http_client(make_service(unnamed, rate_limit_headers=True)) as client:
-        response = await client.post("/check_and_report", json={"namespace": NS, "values": {}, "delta": 1})
+        plain = await client.post("/check_and_report", json={"namespace": NS, "values": {}, "delta": 1})
+        asked = await client.post(
+            "/check_and_report", json={"namespace": NS, "values": {}, "delta": 1, "response_headers": "DraftVersion03"}
+        )
 
-    assert response.headers["X-RateLimit-Limit"] == "3, 3;w=3600, 5;w=60"
-    assert response.headers["X-RateLimit-Remaining"] == "2"
+    assert "X-RateLimit-Limit" not in plain.headers
+    assert asked.headers["X-RateLimit-Limit"] == "3, 3;w=3600, 5;w=60"
+    assert asked.headers["X-RateLimit-Remaining"] == "1"
 
 
 # -- namespaces containing "/" ----------------------------------------------------------------

@@ -395,7 +395,8 @@ def create_http_app(service: Service) -> FastAPI:
     )
     async def check_and_report(body: CheckAndReportInfo) -> Response:
         descriptors = body.descriptors()
-        want_headers = body.response_headers == DRAFT_03 or service.options.rate_limit_headers
+        # Only the body asks for headers: Limitador's -H/--rate-limit-headers configures its RLS server alone.
+        want_headers = body.response_headers == DRAFT_03
         decision = await engine.check_and_report(body.namespace, descriptors, body.delta, load_counters=want_headers)
         headers = decision.rate_limit_headers() if want_headers else None
         if decision.limited:
