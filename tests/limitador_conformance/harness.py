@@ -10,6 +10,7 @@ limits say `descriptors[0]['req_method'] == 'GET'`, exactly what the Limitador s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -58,11 +59,12 @@ def storage_of(service: ServiceProcess) -> str:
     return next((arg for arg in service.args if arg in ("redis", "redis_cached")), "memory")
 
 
-def serve(
+@contextmanager
+def serving(
     storage: str, limits: list[dict[str, Any]], request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory, *args: str,
 ) -> Iterator[ServiceProcess]:
-    """Body of a module-scoped service fixture: one service per storage, stopped at the end."""
+    """A service on `storage` serving `limits` (for module-scoped fixtures: one per storage)."""
     path = tmp_path_factory.mktemp(f"limits-{storage}") / "limits.yaml"
     write_limits(path, limits)
     if storage != "memory":

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess
-from tests.limitador_conformance.harness import Api, ReloadableLimits, limit, serve
+from tests.limitador_conformance.harness import Api, ReloadableLimits, limit, serving
 
 APP_1 = {"req_method": "GET", "app_id": "1"}
 
@@ -41,7 +41,8 @@ INITIAL: list[dict[str, Any]] = [
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    yield from serve(request.param, INITIAL, request, tmp_path_factory, "--reload-interval", "0.05")
+    with serving(request.param, INITIAL, request, tmp_path_factory, "--reload-interval", "0.05") as service:
+        yield service
 
 
 @pytest.fixture

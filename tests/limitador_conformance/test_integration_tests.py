@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ServiceProcess, wait_until
-from tests.limitador_conformance.harness import APP_ID, GET, Api, limit, serve, start_on, storage_of
+from tests.limitador_conformance.harness import APP_ID, GET, Api, limit, serving, start_on, storage_of
 
 POST = {**GET, "req_method": "POST"}
 METHOD_IS_POST = "descriptors[0]['req_method'] == 'POST'"
@@ -60,7 +60,8 @@ LIMITS: list[dict[str, Any]] = [
 def service(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    yield from serve(request.param, LIMITS, request, tmp_path_factory)
+    with serving(request.param, LIMITS, request, tmp_path_factory) as service:
+        yield service
 
 
 @pytest.fixture

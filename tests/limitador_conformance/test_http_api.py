@@ -1,0 +1,121 @@
+"""Limitador server's HTTP API tests (`limitador-server/src/http_api/server.rs`, `mod tests`),
+black-box against `ratelimit serve` on the memory storage (as Limitador runs them).
+
+Limitador's test limit is `descriptors[0]['req.method'] == 'GET'`, counted per
+`descriptors[0]['app.id']`, 60 s; each case has its own namespace here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ServiceProcess
+from tests.limitador_conformance.harness import Api, limit, serving
+
+REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"
+REQ_APP_ID = "descriptors[0]['app.id']"
+VALUES = {"req.method": "GET", "app.id": "1"}
+
+
+def test_limit(namespace: str, max_value: int) -> dict[str, Any]:
+    """Limitador's `create_test_limit`."""
+    return limit(namespace, max_value, conditions=(REQ_METHOD_IS_GET,), variables=(REQ_APP_ID,))
+
+
+test_limit.__test__ = False  # type: ignore[attr-defined]  (a helper, not a test)
+
+LIMITS = [
+    test_limit("test_limits_read", 10),
+    test_limit("test_check_and_report", 1),
+    test_limit("test_check_and_report_with_draftversion03_response_headers", 2),
+    test_limit("test_check_and_report_endpoints_separately", 1),
+]
+
+
+@pytest.fixture(scope="module")
+def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    with serving("memory", LIMITS, request, tmp_path_factory) as service:
+        yield service
+
+
+@pytest.fixture
+def api(service: ServiceProcess) -> Api:
+    return Api(service)
+
+
+RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+def test_status(api: Api) -> None:
+    """`test_status`, http_api/server.rs: `/status` answers, with Limitador's fields."""
+    response = api.http.get("/status")
+    assert response.status_code == 200
+    assert {"started_at", "config_applied_at", "config_version", "config_err_since"} <= response.json().keys()
+
+
+def test_metrics(api: Api) -> None:
+    """`test_metrics`, http_api/server.rs: Prometheus text with `limitador_up` and its help text."""
+    response = api.http.get("/metrics")
+    assert response.status_code == 200
+    assert "# HELP limitador_up Limitador is running" in response.text
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    assert [sample.value for sample in families["limitador_up"].samples] == [1.0]
+
+
+def test_limits_read(api: Api) -> None:
+    """`test_limits_read`, http_api/server.rs: the one limit, in Limitador's JSON shape."""
+    assert api.limits("test_limits_read") == [{
+        "id": None, "name": None, "namespace": "test_limits_read", "max_value": 10, "seconds": 60,
+        "conditions": [REQ_METHOD_IS_GET], "variables": [REQ_APP_ID],
+    }]
+
+
+def test_check_and_report(api: Api) -> None:
+    """`test_check_and_report`, http_api/server.rs: a limit of 1 admits one call (without
+    `response_headers`, no `X-RateLimit-*` headers), then answers 429."""
+    first = api.call("check_and_report", "test_check_and_report", VALUES)
+    assert first.status_code == 200
+    assert first.json() is None  # Limitador's body: JSON null
+    assert not {name.lower() for name in RATE_LIMIT_HEADERS} & set(first.headers)
+    second = api.call("check_and_report", "test_check_and_report", VALUES)
+    assert second.status_code == 429
+
+
+def test_check_and_report_with_draftversion03_response_headers(api: Api) -> None:
+    """`test_check_and_report_with_draftversion03_response_headers`, http_api/server.rs: a limit
+    of 2; `X-RateLimit-Limit: 2, 2;w=60` every time, remaining 1, 0, and 0 with the 429."""
+    namespace = "test_check_and_report_with_draftversion03_response_headers"
+    answers = [api.call("check_and_report", namespace, VALUES, response_headers="DraftVersion03") for _ in range(3)]
+    assert [answer.status_code for answer in answers] == [200, 200, 429]
+    assert [answer.headers["X-RateLimit-Limit"] for answer in answers] == ["2, 2;w=60"] * 3
+    assert [answer.headers["X-RateLimit-Remaining"] for answer in answers] == ["1", "0", "0"]
+    assert all(0 <= int(answer.headers["X-RateLimit-Reset"]) <= 60 for answer in answers)
+
+
+def test_check_and_report_endpoints_separately(api: Api) -> None:
+    """`test_check_and_report_endpoints_separately`, http_api/server.rs: /check is 200 before any
+    hit, /report charges the one hit, /check then answers 429."""
+    namespace = "test_check_and_report_endpoints_separately"
+    check = api.call("check", namespace, VALUES)
+    assert (check.status_code, check.json()) == (200, None)
+    report = api.call("report", namespace, VALUES)
+    assert (report.status_code, report.json()) == (200, None)
+    assert api.check(namespace, VALUES) == 429
+
+
+def test_rate_limit_headers_option_is_for_the_rls_only(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Limitador's `-H DRAFT_VERSION_03` configures the RLS server only (`run_envoy_rls_server`);
+    its HTTP `check_and_report` adds headers only when the body's `response_headers` asks."""
+    with serving("memory", LIMITS, request, tmp_path_factory, "-H", "DRAFT_VERSION_03") as service:
+        api = Api(service)
+        plain = api.call("check_and_report", "test_limits_read", VALUES)
+        assert plain.status_code == 200
+        assert not {name.lower() for name in RATE_LIMIT_HEADERS} & set(plain.headers)
+        asked = api.call("check_and_report", "test_limits_read", VALUES, response_headers="DraftVersion03")
+        assert asked.headers["X-RateLimit-Remaining"] == "8"
