@@ -30,12 +30,27 @@ class ReferenceModel:
     counters: dict[tuple, ModelCounter] = field(default_factory=dict)
     reservations: dict[str, tuple[list[tuple], int, int]] = field(default_factory=dict)
 
+    keeps_removed_counters: bool = False
+    """Whether counters of a limit that a reload removes stay (the memory storage keeps them for
+    one window, so a limit that comes back resumes its counts) or are deleted (Redis)."""
+
     def configure(self, limits: list[Limit]) -> None:
         identities = {limit.identity for limit in limits}
         self.limits = list(limits)
+        if self.keeps_removed_counters:
+            return  # kept as they are; listings show only configured limits' counters
         self.counters = {k: c for k, c in self.counters.items() if k[0] in identities}
         for reservation_id, (keys, amount, expires) in list(self.reservations.items()):
             self.reservations[reservation_id] = ([k for k in keys if k[0] in identities], amount, expires)
+
+    def occupies_row(self, key: tuple, now: int) -> bool:
+        """Whether the memory storage keeps a row for this counter: while it holds a reservation, and
+        until one window after its window ended (existing counters keep their rows before new keys)."""
+        self._expire_reservations(now)
+        counter = self.counters.get(key)
+        if counter is None:
+            return False
+        return counter.reserved > 0 or (counter.expires_at > 0 and counter.expires_at + self.window_of(key) > now)
 
     def max_of(self, key: tuple) -> int:
         return next(limit.max_value for limit in self.limits if limit.identity == key[0])
@@ -133,8 +148,9 @@ class ReferenceModel:
 
     def live_counters(self, namespace: str, now: int) -> dict[tuple, tuple[int, int, int]]:
         self._expire_reservations(now)
+        configured = {limit.identity for limit in self.limits}
         live = [
             key for key, c in self.counters.items()
-            if key[0][0] == namespace and (c.expires_at > now or c.reserved > 0)
+            if key[0][0] == namespace and key[0] in configured and (c.expires_at > now or c.reserved > 0)
         ]
         return self._answer(None, live, now).states

@@ -158,15 +158,23 @@ def test_batch_decides_like_one_call_after_another() -> None:
     assert batch.tolist() == run(one_by_one())
 
 
-def test_full_table_answers_a_clear_error_and_reuses_expired_rows() -> None:
+def test_full_table_refuses_new_keys_first_and_reuses_rows_idle_for_a_window() -> None:
     engine, clock = limiter(Limit("ns", 5, 60, (), USER), capacity=2)
     run(engine.report("ns", [{"user": "a"}], 1))
     run(engine.report("ns", [{"user": "b"}], 1))
     with pytest.raises(StorageFullError, match="full"):
         run(engine.report("ns", [{"user": "c"}], 1))
-    clock.now += 60
+    clock.now += 60  # a's and b's windows just ended: they keep their rows, the new key is refused
+    with pytest.raises(StorageFullError, match="new keys are refused"):
+        run(engine.check_and_report("ns", [{"user": "c"}], 1))
+    assert not run(engine.check_and_report("ns", [{"user": "a"}], 1)).limited
+    clock.now += 60  # b idle for a whole window after its window: its row goes to the new key
     run(engine.report("ns", [{"user": "c"}], 1))
     assert [s.counter.values for s in run(engine.get_counters("ns"))] == [("c",)]
+    assert not run(engine.check_and_report("ns", [{"user": "a"}], 1)).limited  # a still has its row
+    with pytest.raises(StorageFullError):
+        run(engine.report("ns", [{"user": "b"}], 1))  # b is a new key again, and the table is full
+    assert engine.storage.refusals["rows"] == 3  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,282 @@
+"""The counter table's memory: one byte block laid out as kernels.py describes, either private to
+this process or a named POSIX shared-memory block that worker processes attach to.
+
+    table = CounterTable.create(capacity, shared=True)    # the supervisor, before starting workers
+    worker = CounterTable.attach(table.name)               # each worker process, by name
+    storage = MemoryStorage(table=worker)                  # decides against the shared counters
+    ...
+    worker.close(); table.close(); table.unlink()          # at shutdown (unlink once, by the creator)
+
+Pages are only touched as rows, key blocks and index slots are used, so a large capacity costs
+address space, not resident memory, until counters fill it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from ratelimit.storage import kernels as k
+
+VERSION = 1
+DEFAULT_KEY_BYTES_PER_COUNTER = 64
+"""Key bytes (the variable values of a counter) the table has room for on average per counter."""
+DEFAULT_LIMIT_SLOTS = 1 << 16
+_ALIGN = 64
+_SHM_DIR = "/dev/shm"
+_LOCK_WAIT_BEFORE_CHECKING_HOLDER = 0.5  # seconds: past this, look whether the holder still lives
+
+
+class TableError(RuntimeError):
+    """A table block that cannot be created or attached (wrong name, not a counter table, too big)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    capacity: int
+    index_slots: int
+    key_blocks: int
+    limit_slots: int
+    reservation_slots: int
+    hold_slots: int
+    heap_slots: int
+
+    @classmethod
+    def for_capacity(cls, capacity: int, key_bytes_per_counter: int = DEFAULT_KEY_BYTES_PER_COUNTER,
+                     reservation_slots: int | None = None, limit_slots: int = DEFAULT_LIMIT_SLOTS) -> Layout:
+        if capacity < 1:
+            raise ValueError(f"memory storage capacity must be at least 1 counter, got {capacity}")
+        if capacity >= 1 << 30:
+            raise ValueError(f"memory storage capacity must be below {1 << 30} counters, got {capacity}")
+        if key_bytes_per_counter < 1:
+            raise ValueError(f"key bytes per counter must be at least 1, got {key_bytes_per_counter}")
+        if limit_slots < 8 or limit_slots & (limit_slots - 1):
+            raise ValueError(f"limit slots must be a power of two of at least 8, got {limit_slots}")
+        reservations = reservation_slots if reservation_slots is not None else max(1024, min(capacity, 1 << 18))
+        if reservations < 1:
+            raise ValueError(f"reservation slots must be at least 1, got {reservations}")
+        return cls(
+            capacity=capacity,
+            index_slots=max(8, 1 << (2 * capacity - 1).bit_length()),
+            key_blocks=max(capacity, capacity * key_bytes_per_counter // k.BLOCK_BYTES),
+            limit_slots=limit_slots,
+            reservation_slots=reservations,
+            hold_slots=4 * reservations,
+            heap_slots=2 * reservations,
+        )
+
+    def offsets(self) -> tuple[list[int], int]:
+        """Byte offsets of rows, index, block_next, block_data, limits, reservations, holds, heap; total size."""
+        sizes = [
+            self.capacity * k.ROW_WIDTH * 8,
+            self.index_slots * 4,
+            self.key_blocks * 4,
+            self.key_blocks * k.BLOCK_BYTES,
+            self.limit_slots * k.LIMIT_WIDTH * 8,
+            self.reservation_slots * k.RES_WIDTH * 8,
+            self.hold_slots * 2 * 8,
+            self.heap_slots * 3 * 8,
+        ]
+        offsets = []
+        position = k.HEADER_WORDS * 8
+        for size in sizes:
+            position = -(-position // _ALIGN) * _ALIGN
+            offsets.append(position)
+            position += size
+        return offsets, position
+
+
+@dataclass(frozen=True)
+class TableStats:
+    capacity: int
+    live_rows: int
+    """Rows holding a counter (live, or kept for a window after their window ended)."""
+    free_rows: int
+    key_blocks: int
+    free_key_blocks: int
+    reservations: int
+    reservation_slots: int
+    limits: int
+    refusals: dict[str, int]
+    freed_rows: int
+    lock_busy: int
+    lock_stolen: int
+
+
+class CounterTable:
+    """A table block and its name (None when private). Use `create` or `attach`."""
+
+    def __init__(self, buf: np.ndarray, name: str | None, handle: object | None) -> None:
+        self.buf = buf
+        self.name = name
+        self._handle = handle  # the SharedMemory or mmap keeping `buf` mapped
+        header = self.header
+        if header[k.H_MAGIC] != k.MAGIC or header[k.H_TOTAL_BYTES] != len(buf):
+            raise TableError(f"shared memory block {name!r} is not a counter table of this version")
+        self.capacity = int(header[k.H_CAPACITY])
+        self.limit_slots = int(header[k.H_LIMIT_SLOTS])
+
+    @property
+    def header(self) -> np.ndarray:
+        return self.buf[: k.HEADER_WORDS * 8].view(np.int64)
+
+    @classmethod
+    def create(cls, capacity: int, *, shared: bool = False, name: str | None = None,
+               key_bytes_per_counter: int = DEFAULT_KEY_BYTES_PER_COUNTER,
+               reservation_slots: int | None = None, limit_slots: int = DEFAULT_LIMIT_SLOTS) -> CounterTable:
+        """A new, empty table. With `shared`, a named shared-memory block (`name`, or a fresh one)
+        that other processes attach to with `CounterTable.attach(table.name)`."""
+        layout = Layout.for_capacity(capacity, key_bytes_per_counter, reservation_slots, limit_slots)
+        offsets, total = layout.offsets()
+        handle: object | None = None
+        if shared:
+            name = name or f"ratelimit-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                block = shared_memory.SharedMemory(name=name, create=True, size=total)
+            except FileExistsError:
+                raise TableError(f"shared memory block {name!r} already exists; pick another name") from None
+            except OSError as exc:
+                raise TableError(f"cannot create a {total:,}-byte shared memory block {name!r}: {exc}") from None
+            assert block.buf is not None
+            buf = np.ndarray((total,), dtype=np.uint8, buffer=block.buf)
+            handle = block
+        else:
+            name = None
+            buf = np.zeros(total, dtype=np.uint8)  # calloc'd: pages are zero until touched
+        header = buf[: k.HEADER_WORDS * 8].view(np.int64)
+        header[k.H_CAPACITY] = layout.capacity
+        header[k.H_INDEX_SLOTS] = layout.index_slots
+        header[k.H_KEY_BLOCKS] = layout.key_blocks
+        header[k.H_LIMIT_SLOTS] = layout.limit_slots
+        header[k.H_RES_SLOTS] = layout.reservation_slots
+        header[k.H_HOLD_SLOTS] = layout.hold_slots
+        header[k.H_HEAP_SLOTS] = layout.heap_slots
+        for word, offset in zip((k.H_OFF_ROWS, k.H_OFF_INDEX, k.H_OFF_BLOCK_NEXT, k.H_OFF_BLOCK_DATA,
+                                 k.H_OFF_LIMITS, k.H_OFF_RES, k.H_OFF_HOLDS, k.H_OFF_HEAP), offsets, strict=True):
+            header[word] = offset
+        header[k.H_TOTAL_BYTES] = total
+        for word in (k.H_FREE_ROW, k.H_FREE_BLOCK, k.H_FREE_RES, k.H_FREE_HOLD):
+            header[word] = -1
+        header[k.H_CYCLE_MIN] = k.NEVER
+        header[k.H_MAGIC] = k.MAGIC  # last: an attaching process sees a complete header or none
+        return cls(buf, name, handle)
+
+    @classmethod
+    def attach(cls, name: str) -> CounterTable:
+        """Map an existing shared table by name (from another process). The caller never unlinks it;
+        the creator does. Python's SharedMemory is not used here because in Python < 3.13 it would
+        register the block with this process's resource tracker, which unlinks it when this
+        process exits (while the other processes still use it)."""
+        if not name or "/" in name:
+            raise TableError(f"not a shared memory block name: {name!r}")
+        path = os.path.join(_SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise TableError(f"cannot attach counter table {name!r}: {exc.strerror} ({path})") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < k.HEADER_WORDS * 8:
+                raise TableError(f"shared memory block {name!r} is {size} bytes: not a counter table")
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        buf = np.frombuffer(mapping, dtype=np.uint8)
+        return cls(buf, name, mapping)
+
+    def close(self) -> None:
+        """Unmap the block in this process (the storage using it must not decide afterwards)."""
+        handle, self._handle = self._handle, None
+        self.buf = np.zeros(0, dtype=np.uint8)
+        if handle is None:
+            return
+        try:
+            handle.close()  # type: ignore[attr-defined]
+        except BufferError:
+            pass  # arrays still view the block; it is unmapped when they are gone
+
+    def unlink(self) -> None:
+        """Remove the block's name (the creator, at shutdown); processes attached keep their mapping."""
+        if self.name is None:
+            return
+        try:
+            shared_memory.SharedMemory(name=self.name).unlink()
+        except FileNotFoundError:
+            pass
+
+    # -- the lock, seen from Python ----------------------------------------------------------------
+
+    def wait_for_lock(self, waited_since: float) -> None:
+        """Called when a kernel found the lock taken past its spin: yield, and take the lock over if
+        its holder has died (a worker killed in the middle of a decision)."""
+        k.note_busy(self.buf)
+        if time.monotonic() - waited_since > _LOCK_WAIT_BEFORE_CHECKING_HOLDER:
+            holder = int(k.lock_holder(self.buf))
+            if holder > 0 and holder != os.getpid() and not _alive(holder):
+                k.steal_lock(self.buf, holder, os.getpid())
+        time.sleep(0)
+
+    def stats(self) -> TableStats:
+        header = self.header
+        return TableStats(
+            capacity=self.capacity,
+            live_rows=int(header[k.H_LIVE_ROWS]),
+            free_rows=int(header[k.H_CAPACITY] - header[k.H_ROWS_USED] + header[k.H_FREE_ROWS]),
+            key_blocks=int(header[k.H_KEY_BLOCKS]),
+            free_key_blocks=int(header[k.H_KEY_BLOCKS] - header[k.H_BLOCKS_USED] + header[k.H_FREE_BLOCKS]),
+            reservations=int(header[k.H_LIVE_RES]),
+            reservation_slots=int(header[k.H_RES_SLOTS]),
+            limits=int(header[k.H_LIMITS_USED]),
+            refusals={reason: int(header[word]) for reason, word in k.REFUSAL_REASONS.items()},
+            freed_rows=int(header[k.H_FREED_ROWS]),
+            lock_busy=int(header[k.H_LOCK_BUSY]),
+            lock_stolen=int(header[k.H_LOCK_STOLEN]),
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_warm = False
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel now, on a tiny private table, so the first
+    real decision does not take long enough to miss Envoy's RLS timeout."""
+    global _warm
+    if _warm:
+        return
+    table = CounterTable.create(4, reservation_slots=2, limit_slots=8)
+    buf = table.buf
+    result = np.zeros(k.RESULT_WORDS, dtype=np.int64)
+    ids = np.array([[1, 2]], dtype=np.int64)
+    nos = np.zeros(1, dtype=np.int64)
+    k.register_limits(buf, ids, np.array([1000], dtype=np.int64), np.zeros(0, dtype=np.int64), 0, 1, nos, result)
+    max_values = np.full(8, 10, dtype=np.int64)
+    key = b"warm"
+    plan = np.zeros(5, dtype=np.int64)
+    plan[:4] = (1, nos[0], 0, len(key))
+    plan[4:].view(np.uint8)[: len(key)] = np.frombuffer(key, dtype=np.uint8)
+    states = np.zeros((1, k.STATE_WIDTH), dtype=np.int64)
+    for mode in (k.CHECK, k.CHECK_AND_UPDATE, k.UPDATE, k.RESERVE, k.COMMIT):
+        k.decide(buf, max_values, plan, mode, 1, 1, 1, int(result[k.R_SLOT]), 7, 5, states, result)
+    k.list_rows(buf, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), 0, 8, 1, 1,
+                np.zeros((4, 5), dtype=np.int64), np.zeros(64, dtype=np.uint8), np.zeros(4, dtype=np.int64), result)
+    k.sweep(buf, 8, 10_000, 1, result)
+    k.lock_holder(buf)
+    k.steal_lock(buf, -1, 1)
+    k.note_busy(buf)
+    _warm = True
