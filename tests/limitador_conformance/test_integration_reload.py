@@ -162,9 +162,11 @@ def test_properly_updates_existing_limits(api: Api, limits: ReloadableLimits) ->
     assert second.headers["X-RateLimit-Remaining"] == "48"
 
 
-def test_deletes_qualified_counters(api: Api, limits: ReloadableLimits) -> None:
+def test_deletes_qualified_counters(api: Api, limits: ReloadableLimits, request: pytest.FixtureRequest) -> None:
     """`deletes_qualified_counters`, limitador/src/lib.rs: a limit deleted and added again starts
-    from fresh counters (41 of 42 left after one hit, both times)."""
+    from fresh counters (41 of 42 left after one hit, both times). A deliberate difference on the
+    memory storage (issue 10, limits file safety): counters of a removed limit are kept for one
+    window, so a limit that comes back within it resumes its counts (40 left after the second hit)."""
     namespace = "deletes_qualified_counters"
     entry = limit(namespace, 42, seconds=100, conditions=(), variables=("descriptors[0]['x']",))
 
@@ -177,6 +179,7 @@ def test_deletes_qualified_counters(api: Api, limits: ReloadableLimits) -> None:
     limits.replace(namespace, [])
     assert api.limits(namespace) == []
     limits.replace(namespace, [entry])
-    assert remaining_after_one_hit() == "41"
+    storage = request.node.callspec.params["service"]
+    assert remaining_after_one_hit() == ("40" if storage == "memory" else "41")
     assert [c["set_variables"] for c in api.counters(namespace)] == [{"descriptors[0]['x']": "a"}]
 
