@@ -6,13 +6,16 @@ a ServiceMonitor and a PrometheusRule (plus the same rules as a plain file for p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dashboards.perses import Dashboard, Row, label_variable, query, stat, table, time_series
-from dashboards.promql import of_kind, rate, series
+from dashboards.perses import (Column, Dashboard, Row, Spec, gauge, label_variable, query, stat, table,
+                              time_series, value_column)
+from dashboards.promql import Selector, of_kind, rate, route_matchers, series
+from exporter.quota import OTHER
 
 OUT = Path(__file__).resolve().parent / "generated"
 K8S_NAMESPACE = "redhat-ods-monitoring"
@@ -31,18 +34,17 @@ def refused_ratio(limited: str, authorized: str, by: str = "limitador_namespace"
 
 def external_models() -> Dashboard:
     """The seed's "MaaS External Models" (four panels, same keys, titles and legends), with the
-    namespace as a variable and the catalog instead of route-name regexes, then more panels."""
-    ext = lambda e: of_kind(e, "external")  # noqa: E731 - reads better inline in the queries below
-    calls, hits, limited = (series(n, *CALL_FILTERS) for n in ("authorized_calls", "authorized_hits", "limited_calls"))
-    named_hits = series("authorized_hits", *CALL_FILTERS, 'user!=""')
-    ratio = refused_ratio(ext(rate(limited)), ext(rate(calls)))
-    used = series("ratelimit_quota_used", NS, 'user=~"$user"', 'counter!="__other__"', counter=False)
-    limit = series("ratelimit_quota_limit", NS, 'user=~"$user"', 'counter!="__other__"', counter=False)
+    namespace as a variable, then more panels. Only Limitador's own series are needed: a route is
+    placed by the model catalog when it lists the route, else by the seed's route-naming convention."""
+    calls, hits, limited = (Selector(n, CALL_FILTERS) for n in ("authorized_calls", "authorized_hits", "limited_calls"))
+    ext = lambda selector: of_kind("external", selector)  # noqa: E731 - reads better inline below
+    named_hits = hits.where('user!=""')
     return Dashboard(
         "llm-d-external-models", "MaaS External Models",
         "Rate limiting and authorization metrics for ExternalModel endpoints (excludes LLMInferenceService)",
         variables=[
-            label_variable("namespace", "Route", "limitador_namespace", 'ratelimit_model_info{kind="external"}'),
+            label_variable("namespace", "Route", "limitador_namespace",
+                           *route_matchers("external", Selector("authorized_calls"))),
             label_variable("model", "Model", "model", series("authorized_hits")),
             label_variable("subscription", "Subscription", "subscription", series("authorized_hits")),
             label_variable("user", "User", "user", series("authorized_hits")),
@@ -50,27 +52,27 @@ def external_models() -> Dashboard:
         rows=[
             Row("Request & Token Rates", {
                 "authorizedCalls": time_series("Request Rate (req/s)", "Admitted calls per route", query(
-                    f"sum({ext(rate(calls))}) by (limitador_namespace)", "{{limitador_namespace}}")),
+                    f"sum({ext(calls)}) by (limitador_namespace)", "{{limitador_namespace}}")),
                 "tokenUsage": time_series("Token Rate (tok/s)", "Tokens charged per model", query(
-                    f"sum({ext(rate(hits))}) by (limitador_namespace, model)", "{{model}} ({{limitador_namespace}})")),
+                    f"sum({ext(hits)}) by (limitador_namespace, model)", "{{model}} ({{limitador_namespace}})")),
             }),
             Row("Rate Limiting & Health", {
                 "limitedCalls": time_series("Rate Limited Rate (429/s)", "Refused calls per user", query(
-                    f"sum({ext(rate(limited))}) by (limitador_namespace, user)", "{{user}} - {{limitador_namespace}}")),
+                    f"sum({ext(limited)}) by (limitador_namespace, user)", "{{user}} - {{limitador_namespace}}")),
                 "limitadorUp": time_series("Limitador Status", "1 while the rate limiter runs",
                                            query("limitador_up", "Limitador")),
             }),
-            Row("Users & Quota", {
+            Row("Users & Refusals", {
                 "topUsers": time_series("Top Users by Tokens (tok/s)", "The ten users spending most tokens", query(
-                    f"topk(10, sum by (user) ({ext(rate(named_hits))}))", "{{user}}")),
-                "ratio429": time_series("429 Ratio", "Share of calls refused", query(ratio, "{{limitador_namespace}}"),
+                    f"topk(10, sum by (user) ({ext(named_hits)}))", "{{user}}")),
+                "ratio429": time_series("429 Ratio", "Share of calls refused",
+                                        query(refused_ratio(ext(limited), ext(calls)), "{{limitador_namespace}}"),
                                         unit="percent-decimal"),
-                "quotaUtilisation": time_series(
-                    "Quota Utilisation (busiest users)", "used / limit of each user's counter (top N exported)",
-                    query(f"max by (limitador_namespace, limit_name, user) ({ext(used)} / {ext(limit)})",
-                          "{{user}} {{limit_name}}"), unit="percent-decimal"),
+                "tokensPerSubscription": time_series(
+                    "Tokens per Subscription (tok/s)", "Tokens charged per subscription", query(
+                        f"sum by (subscription) ({ext(hits)})", "{{subscription}}"), stacked=True),
                 "refusedNow": stat("429 Ratio (all external)", "Share of calls refused over 5 minutes", query(
-                    refused_ratio(ext(rate(limited)), ext(rate(calls)), by="")), unit="percent-decimal"),
+                    refused_ratio(ext(limited), ext(calls), by="")), unit="percent-decimal"),
             }),
         ],
     )
@@ -78,9 +80,9 @@ def external_models() -> Dashboard:
 
 def gpu_models() -> Dashboard:
     """Rate limiter series of GPU-served routes next to vLLM and DCGM series of the same models."""
-    gpu = lambda e: of_kind(e, "gpu", 'model=~"$model"')  # noqa: E731
-    hits = series("authorized_hits", NS)
-    limited = series("limited_calls", NS)
+    gpu = lambda selector: of_kind("gpu", selector, 'model=~"$model"')  # noqa: E731
+    hits = Selector("authorized_hits", (NS,))
+    limited = Selector("limited_calls", (NS,))
     model = 'model_name=~"$model"'
     # KServe prefixes vLLM's names with `kserve_`.
     vllm = lambda name: series(f"(kserve_)?vllm:{name}", model, counter=False)  # noqa: E731
@@ -88,16 +90,17 @@ def gpu_models() -> Dashboard:
         "ratelimit-gpu-models", "MaaS GPU-served Models",
         "Token use and 429s of LLMInferenceService routes next to vLLM and DCGM metrics",
         variables=[
-            label_variable("namespace", "Route", "limitador_namespace", 'ratelimit_model_info{kind="gpu"}'),
-            label_variable("model", "Model", "model", 'ratelimit_model_info{kind="gpu"}'),
+            label_variable("namespace", "Route", "limitador_namespace",
+                           *route_matchers("gpu", Selector("authorized_calls"))),
+            label_variable("model", "Model", "model", *route_matchers("gpu", Selector("authorized_hits"))),
         ],
         rows=[
             Row("Rate Limiter", {
                 "tokenRate": time_series("Token Rate (tok/s)", "Tokens charged per route",
-                                         query(f"sum by (limitador_namespace) ({gpu(rate(hits))})",
+                                         query(f"sum by (limitador_namespace) ({gpu(hits)})",
                                                "{{limitador_namespace}}")),
                 "limitedRate": time_series("Rate Limited Rate (429/s)", "Refused calls per route",
-                                           query(f"sum by (limitador_namespace) ({gpu(rate(limited))})",
+                                           query(f"sum by (limitador_namespace) ({gpu(limited)})",
                                                  "{{limitador_namespace}}")),
             }),
             Row("vLLM", {
@@ -129,12 +132,40 @@ def gpu_models() -> Dashboard:
     )
 
 
+QUOTA_ROW = ("limitador_namespace", "limit_name", "counter")
+"""What identifies a counter's row: its route, its limit and its variable values (the user, for a
+per-user limit). `user` would repeat `counter`, and `instance`/`job` say nothing to the reader."""
+
+
+def closest_to_exhaustion(filters: Sequence[str], top: int = 10) -> Spec:
+    """The `top` counters by share of their limit used, with the tokens used, what is left and
+    when the window resets; one row per counter (the queries' series merged by QUOTA_ROW)."""
+    by = ", ".join(QUOTA_ROW)
+    gauge_of = lambda family: series(family, *filters, f'counter!="{OTHER}"', counter=False)  # noqa: E731
+    busiest = f"topk({top}, max by ({by}) ({gauge_of('ratelimit_quota_utilisation')}))"
+    queries = [query(busiest)] + [
+        query(f"max by ({by}) ({gauge_of(family)}) and on ({by}) {busiest}")
+        for family in ("ratelimit_quota_used", "ratelimit_quota_remaining", "ratelimit_quota_reset_seconds")]
+    count = len(queries)
+    return table("Users Closest to Exhaustion", "Counters by share of their limit used, highest first", *queries,
+                 columns=[
+                     Column("limitador_namespace", "Route"),
+                     Column("limit_name", "Limit", "The limit (a subscription's token limit)"),
+                     Column("counter", "User", "The limit's variable values: the user, for a per-user limit"),
+                     Column(value_column(0, count), "Used", "used / limit", "percent-decimal"),
+                     Column(value_column(1, count), "Tokens used", unit="decimal"),
+                     Column(value_column(2, count), "Tokens left", unit="decimal"),
+                     Column(value_column(3, count), "Resets in", unit="seconds"),
+                 ])
+
+
 def subscriptions() -> Dashboard:
     q_filters = ('limitador_namespace=~"$namespace"', 'limit_name=~"$limit"')
-    used = series("ratelimit_quota_used", *q_filters, counter=False)
     limit = series("ratelimit_quota_limit", *q_filters, counter=False)
     remaining = series("ratelimit_quota_remaining", *q_filters, counter=False)
-    per_user = lambda s: s.replace("}", ',counter!="__other__"}')  # noqa: E731
+    utilisation = series("ratelimit_quota_utilisation", *q_filters, f'counter!="{OTHER}"', counter=False)
+    reached = lambda threshold: series(  # noqa: E731
+        "ratelimit_quota_counters_at_or_above", *q_filters, f'threshold="{threshold}"', counter=False)
     hits = series("authorized_hits", NS, 'subscription=~"$subscription"')
     return Dashboard(
         "ratelimit-subscriptions-quota", "Subscriptions & Quota",
@@ -152,16 +183,21 @@ def subscriptions() -> Dashboard:
                                        query(f"sum({series('ratelimit_quota_counters', *q_filters, counter=False)})")),
             }),
             Row("Quota", {
-                "closestToExhaustion": table("Users Closest to Exhaustion", "used / limit, highest first", query(
-                    f"topk(10, {per_user(used)} / {per_user(limit)})")),
+                "closestToExhaustion": closest_to_exhaustion(q_filters),
+                "busiestUser": gauge("Busiest User's Quota Used", "The highest used / limit of any counter now",
+                                     query(f"max({utilisation})")),
+                "quotaUtilisation": time_series(
+                    "Quota Utilisation (busiest users)", "used / limit of each user's counter (top N exported)",
+                    query(f"topk(10, max by (limitador_namespace, limit_name, counter) ({utilisation}))",
+                          "{{counter}} {{limit_name}}"), unit="percent-decimal"),
+                "nearExhaustion": time_series(
+                    "Counters Near Exhaustion", "Counters (all of them) that used 90% or all of their limit",
+                    query(f"sum by (limit_name) ({reached('0.9')})", ">= 90% {{limit_name}}"),
+                    query(f"sum by (limit_name) ({reached('1.0')})", "exhausted {{limit_name}}")),
                 "remainingVsLimit": time_series(
                     "Remaining vs Limit", "Summed over the counters of each limit",
                     query(f"sum by (limit_name) ({remaining})", "remaining {{limit_name}}"),
                     query(f"sum by (limit_name) ({limit})", "limit {{limit_name}}")),
-                "utilisationP90": time_series("Utilisation p90 (all counters)", "", query(
-                    "histogram_quantile(0.9, sum by (le, limitador_namespace) "
-                    '(ratelimit_quota_utilisation_bucket{limitador_namespace=~"$namespace"}))',
-                    "{{limitador_namespace}}"), unit="percent-decimal"),
             }),
         ],
     )
@@ -182,10 +218,10 @@ def rule_groups() -> list[dict[str, Any]]:
         {"alert": "RateLimiterHigh429Ratio", "expr": f"{refused_ratio(rate(series('limited_calls')), rate(series('authorized_calls')))} > 0.3",
          "for": "10m", "labels": {"severity": "warning"},
          "annotations": {"summary": "Over 30% of calls to {{ $labels.limitador_namespace }} are refused"}},
-        # Counters under the top-N cap only: a subscription whose busiest users are nearly out.
+        # Every counter, capped or not: a subscription many of whose users are nearly out.
         {"alert": "SubscriptionUsersNearExhaustion",
-         "expr": ('count by (limitador_namespace, limit_name) (ratelimit_quota_used{counter!="__other__"} '
-                  '/ ratelimit_quota_limit{counter!="__other__"} >= 0.9) >= 3'),
+         "expr": ('sum by (limitador_namespace, limit_name) '
+                  '(ratelimit_quota_counters_at_or_above{threshold="0.9"}) >= 3'),
          "for": "5m", "labels": {"severity": "info"},
          "annotations": {"summary": "{{ $value }} users of {{ $labels.limit_name }} used 90% of their quota"}},
     ]}]

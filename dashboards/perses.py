@@ -7,6 +7,7 @@ the generated files against the same rules.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,18 +43,58 @@ def stat(title: str, description: str, q: Spec, unit: str = "decimal") -> Spec:
     return _panel(title, description, {"kind": "StatChart", "spec": spec}, [q])
 
 
-def table(title: str, description: str, q: Spec) -> Spec:
-    spec = {"density": "compact", "transforms": [{"kind": "MergeSeries", "spec": {}}]}
-    return _panel(title, description, {"kind": "Table", "spec": spec}, [q])
+def gauge(title: str, description: str, q: Spec, unit: str = "percent-decimal", maximum: float = 1.0) -> Spec:
+    # `calculation` is required by the GaugeChart schema.
+    spec = {"calculation": "last-number", "format": {"unit": unit}, "max": maximum}
+    return _panel(title, description, {"kind": "GaugeChart", "spec": spec}, [q])
 
 
-def label_variable(name: str, title: str, label: str, matcher: str) -> Spec:
+@dataclass(frozen=True)
+class Column:
+    """A table column by the name Perses gives it: a label, `value` (one query) or `value #N`
+    (the Nth query's value, when a table has several)."""
+
+    name: str
+    header: str
+    description: str = ""
+    unit: str | None = None
+
+    def setting(self) -> Spec:
+        setting: Spec = {"name": self.name, "header": self.header}
+        if self.description:
+            setting["headerDescription"] = self.description
+        if self.unit is not None:
+            setting["format"] = {"unit": self.unit}
+        return setting
+
+
+# The instant-query timestamp Perses adds as a column: the same on every row.
+HIDDEN_COLUMNS = ("timestamp",)
+
+
+def table(title: str, description: str, *queries: Spec, columns: Sequence[Column] = ()) -> Spec:
+    """A table whose queries' series are merged by their labels into one row each (MergeSeries),
+    with named and formatted columns. The queries should aggregate to the labels the columns name,
+    so no scrape label (`instance`, `job`) or unnamed column shows."""
+    settings = [column.setting() for column in columns]
+    settings += [{"name": name, "hide": True} for name in HIDDEN_COLUMNS]
+    spec: Spec = {"density": "compact", "columnSettings": settings, "transforms": [{"kind": "MergeSeries", "spec": {}}]}
+    return _panel(title, description, {"kind": "Table", "spec": spec}, list(queries))
+
+
+def value_column(index: int, count: int) -> str:
+    """The column Perses names the value of query `index` (0-based) of `count`."""
+    return "value" if count == 1 else f"value #{index + 1}"
+
+
+def label_variable(name: str, title: str, label: str, *matchers: str) -> Spec:
     """A multi-select label-values variable whose "All" is `.*`, so `label=~"$name"` also matches
-    series without the label (a call with no `user`)."""
+    series without the label (a call with no `user`). Several matchers offer the union of their
+    series' values (Prometheus' `match[]`)."""
     return {"kind": "ListVariable", "spec": {
         "name": name, "display": {"name": title, "hidden": False},
         "allowAllValue": True, "allowMultiple": True, "customAllValue": ".*", "defaultValue": "$__all",
-        "plugin": {"kind": "PrometheusLabelValuesVariable", "spec": {"labelName": label, "matchers": [matcher]}},
+        "plugin": {"kind": "PrometheusLabelValuesVariable", "spec": {"labelName": label, "matchers": list(matchers)}},
     }}
 
 

@@ -5,7 +5,8 @@
 
 `--dashboard` is a generated dashboard's name or title, or a file (a PersesDashboard or a plain
 Perses Dashboard). Variables are at "All". TimeSeriesChart panels become line plots
-(`/api/v1/query_range`), StatChart a big number and Table a table (`/api/v1/query`). Writes
+(`/api/v1/query_range`), StatChart a big number, GaugeChart a gauge and Table a table
+(`/api/v1/query`). Writes
 `<panel key>.png` per panel and `overview.png`, the dashboard's grid with one tile per panel; the
 overview's PNG text chunk `panels` lists each tile's key and pixel box (left, top, right, bottom).
 """
@@ -33,10 +34,11 @@ import matplotlib.pyplot as plt
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Wedge
 from matplotlib.ticker import FuncFormatter
 
 from dashboards.generate import DASHBOARDS
-from dashboards.perses import GRID_WIDTH, Spec, with_all_values
+from dashboards.perses import GRID_WIDTH, Spec, value_column, with_all_values
 
 POINTS = 240
 """Points per series of a range query (the step is the range divided by this)."""
@@ -123,7 +125,7 @@ def fetch(prometheus: Prometheus, spec: Spec, seconds: int, end: float | None = 
     end = time.time() if end is None else end
     panels = []
     for key, panel in spec["panels"].items():
-        ranged = panel["spec"]["plugin"]["kind"] == "TimeSeriesChart"
+        ranged = panel["spec"]["plugin"]["kind"] == "TimeSeriesChart"  # the others show the last value
         answers = []
         for q in panel["spec"]["queries"]:
             query_spec = q["spec"]["plugin"]["spec"]
@@ -170,6 +172,8 @@ def draw(ax: Axes, data: PanelData, compact: bool = False) -> None:
                 fontsize=28 if compact else 48, fontweight="bold", color="tab:blue", transform=ax.transAxes)
     elif data.kind == "Table":
         _draw_table(ax, data, compact)
+    elif data.kind == "GaugeChart":
+        _draw_gauge(ax, data, compact)
     else:
         ax.set_axis_off()
         ax.text(0.5, 0.5, f"{data.kind}: not rendered", ha="center", va="center", transform=ax.transAxes)
@@ -189,15 +193,58 @@ def _draw_time_series(ax: Axes, data: PanelData, compact: bool) -> None:
     ax.legend(fontsize=6 if compact else 8, loc="upper left", framealpha=0.7)
 
 
+def table_rows(data: PanelData) -> tuple[list[str], list[list[str]]]:
+    """The table as Perses shows it: each query's series merged by their labels into one row
+    (MergeSeries), a query's value in column `value` (one query) or `value #N`, then the
+    columnSettings' order, headers, formats and hidden columns; other columns after, by name."""
+    count = len(data.answers)
+    rows: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+    for index, (_, series) in enumerate(data.answers):
+        for labels, points in series:
+            key = tuple(sorted((k, v) for k, v in labels.items() if k != "__name__"))
+            rows.setdefault(key, {})[value_column(index, count)] = points[-1][1]
+    settings = {s["name"]: s for s in data.panel["spec"]["plugin"]["spec"].get("columnSettings", [])}
+    present = {k for key in rows for k, _ in key} | {c for values in rows.values() for c in values}
+    names = [n for n in settings if n in present] + sorted(present - set(settings))
+    names = [n for n in names if not settings.get(n, {}).get("hide")]
+    headers = [settings.get(n, {}).get("header", n) for n in names]
+    cells = []
+    for key, values in rows.items():
+        labels = dict(key)
+        row = []
+        for name in names:
+            if name in values:
+                unit = settings.get(name, {}).get("format", {}).get("unit")
+                row.append(format_value(values[name], unit))
+            else:
+                row.append(labels.get(name, ""))
+        cells.append(row)
+    return headers, cells
+
+
 def _draw_table(ax: Axes, data: PanelData, compact: bool) -> None:
-    """The instant answers as rows: their labels, then the value."""
-    rows = [(labels, points[-1][1]) for _, series in data.answers for labels, points in series]
-    columns = sorted({k for labels, _ in rows for k in labels if k != "__name__"})
+    headers, cells = table_rows(data)
     ax.set_axis_off()
-    table = ax.table(cellText=[[labels.get(c, "") for c in columns] + [format_value(v, data.unit)] for labels, v in rows],
-                     colLabels=[*columns, "value"], loc="upper center", cellLoc="left")
+    table = ax.table(cellText=cells, colLabels=headers, loc="upper center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(6 if compact else 8)
+
+
+def _draw_gauge(ax: Axes, data: PanelData, compact: bool) -> None:
+    """A half-disc filled up to the value's share of the panel's `max`, the value written below."""
+    _, series = data.answers[0]
+    value = series[0][1][-1][1]
+    maximum = float(data.panel["spec"]["plugin"]["spec"].get("max", 1.0))
+    share = min(max(value / maximum, 0.0), 1.0) if maximum > 0 and not math.isnan(value) else 0.0
+    ax.set_axis_off()
+    ax.set_aspect("equal")
+    ax.add_patch(Wedge((0, 0), 1.0, 0, 180, width=0.3, color="lightgrey"))
+    color = "tab:green" if share < 0.75 else "tab:orange" if share < 0.9 else "tab:red"
+    ax.add_patch(Wedge((0, 0), 1.0, 180 - 180 * share, 180, width=0.3, color=color))
+    ax.text(0, 0.1, format_value(value, data.unit), ha="center", va="bottom", fontsize=16 if compact else 28,
+            fontweight="bold")
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_ylim(-0.1, 1.1)
 
 
 @dataclass(frozen=True)

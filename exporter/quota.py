@@ -3,7 +3,9 @@
 A counter exists per (limit, variable values), i.e. per user and subscription window, so one
 series per counter can run into the hundreds of thousands. Only the `top_n` counters by use get
 their own series; the rest of each (namespace, limit) are summed into one series whose `counter`
-label is `OTHER`, so totals stay right. The utilisation histogram covers every counter.
+label is `OTHER`, so totals stay right. Every family is a gauge: a snapshot of now, which goes down
+when windows reset (a histogram's counts must only grow). `ratelimit_quota_counters_at_or_above`
+counts every counter, capped or not, by how much of its limit it used.
 
 Custom labels whose CEL expression is one of a limit's variables (`user: descriptors[0]['user']`
 next to a per-user limit) are set to that counter's value, so quota series join the call series.
@@ -16,9 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numba
 import numpy as np
-from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from ratelimit.cel import Expression
 from ratelimit.counters import CounterStatus, StorageError
@@ -28,25 +29,10 @@ logger = logging.getLogger(__name__)
 NAMESPACE_LABEL = "limitador_namespace"
 OTHER = "__other__"
 DEFAULT_TOP_N = 500
-# used / limit; 1 is "exhausted", and overshoot past the limit lands in +Inf.
-UTILISATION_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+# used / limit; 1 is "exhausted" (overshoot by unconditional reports counts there too).
+UTILISATION_THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
 
 ReadCounters = Callable[[], Awaitable[Sequence[CounterStatus]]]
-
-
-@numba.njit(cache=True)
-def _bucket_counts(used: np.ndarray, limits: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, float]:
-    """Cumulative counts of used/limit per bucket bound (+Inf last), and the sum of the ratios."""
-    counts = np.zeros(bounds.shape[0] + 1, dtype=np.int64)
-    total = 0.0
-    for i in range(used.shape[0]):
-        ratio = used[i] / limits[i] if limits[i] > 0 else 1.0
-        total += ratio
-        for b in range(bounds.shape[0]):
-            if ratio <= bounds[b]:
-                counts[b] += 1
-        counts[bounds.shape[0]] += 1
-    return counts, total
 
 
 @dataclass(frozen=True)
@@ -60,6 +46,10 @@ class _Row:
     used: int
     remaining: int
     reset: float
+
+    @property
+    def utilisation(self) -> float:
+        return _utilisation(self.used, self.limit)
 
 
 class QuotaCollector:
@@ -90,6 +80,7 @@ class QuotaCollector:
             "used": Metric("ratelimit_quota_used", "Hits charged in the current window (reserved included)", "gauge"),
             "remaining": Metric("ratelimit_quota_remaining", "Budget left, clamped to [0, limit]", "gauge"),
             "reset": Metric("ratelimit_quota_reset_seconds", "Seconds until the window resets", "gauge"),
+            "utilisation": Metric("ratelimit_quota_utilisation", "used / limit (1 is exhausted)", "gauge"),
         }
         counts = Metric("ratelimit_quota_counters", "Live counters per limit (before the top-N cap)", "gauge")
         for row in self._rows():
@@ -100,7 +91,7 @@ class QuotaCollector:
         for (namespace, name, window), number in self._counter_counts().items():
             counts.add_sample(counts.name, {NAMESPACE_LABEL: namespace, "limit_name": name,
                                             "window_seconds": window}, number)
-        return [*families.values(), counts, *self._histograms()]
+        return [*families.values(), counts, self._at_or_above()]
 
     def _rows(self) -> list[_Row]:
         """The top_n busiest counters, then one summed row per (namespace, limit) for the rest."""
@@ -142,21 +133,27 @@ class QuotaCollector:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def _histograms(self) -> list[Metric]:
-        """A snapshot (not a running count) of used/limit across every counter, per namespace."""
-        family = HistogramMetricFamily("ratelimit_quota_utilisation", "Counters by used/limit, now",
-                                       labels=[NAMESPACE_LABEL])
-        by_namespace: dict[str, list[CounterStatus]] = {}
+    def _at_or_above(self) -> Metric:
+        """Per limit, how many of its counters (all of them, not only the top N) used at least
+        each threshold of their limit."""
+        family = Metric("ratelimit_quota_counters_at_or_above",
+                        "Live counters whose used / limit is at least `threshold`", "gauge")
+        by_limit: dict[tuple[str, str, str], list[CounterStatus]] = {}
         for status in self._statuses:
-            by_namespace.setdefault(status.limit.namespace, []).append(status)
-        bounds = np.array(UTILISATION_BUCKETS, dtype=np.float64)
-        for namespace, group in sorted(by_namespace.items()):
-            used = np.array([self._used(s) for s in group], dtype=np.float64)
-            limits = np.array([s.limit.max_value for s in group], dtype=np.float64)
-            counts, total = _bucket_counts(used, limits, bounds)
-            buckets = [(_bound(b), int(c)) for b, c in zip((*UTILISATION_BUCKETS, float("inf")), counts)]
-            family.add_metric([namespace], buckets, total)
-        return [family]
+            by_limit.setdefault(_limit_key(status), []).append(status)
+        thresholds = np.array(UTILISATION_THRESHOLDS, dtype=np.float64)
+        for (namespace, name, window), group in sorted(by_limit.items()):
+            ratios = np.array([_utilisation(self._used(s), s.limit.max_value) for s in group], dtype=np.float64)
+            reached = np.count_nonzero(ratios[:, np.newaxis] >= thresholds, axis=0)
+            for threshold, number in zip(UTILISATION_THRESHOLDS, reached):
+                family.add_sample(family.name, {NAMESPACE_LABEL: namespace, "limit_name": name, "window_seconds": window,
+                                                "threshold": repr(threshold)}, int(number))
+        return family
+
+
+def _utilisation(used: int, limit: int) -> float:
+    # A limit of 0 admits nothing: its counters are exhausted from the start.
+    return used / limit if limit > 0 else 1.0
 
 
 def _limit_key(status: CounterStatus) -> tuple[str, str, str]:
@@ -168,7 +165,3 @@ def _normalise(source: str) -> str:
     """`descriptors[0]['user']`, `descriptors[0]["user"]` and `descriptors[0].user` are one variable."""
     text = "".join(source.split()).replace('"', "'")
     return text.replace("['", ".").replace("']", "")
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)

@@ -3,16 +3,22 @@ and data directory, scraping given targets every second. Always stopped at teard
 
 `observed`: such a Prometheus scraping the real service (-L user/model/subscription, -l,
 --quota-metrics, the model catalog) while a token workload runs through its HTTP API, plus a small
-emitter of vLLM and DCGM series."""
+emitter of vLLM and DCGM series.
+
+`LimitadorEmitter`: what a plain Kuadrant Limitador's /metrics serves (its series only, no catalog,
+no quota gauges), growing per scrape; `catalog_exporter`: the real `ratelimit-exporter` serving
+only a model catalog, as it runs next to a plain Limitador."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,8 +27,8 @@ import httpx
 import pytest
 import yaml
 
-from ratelimit.tools.processes import stop_process
-from tests.conftest import EXAMPLES, ServiceProcess, free_ports
+from ratelimit.tools.processes import running, stop_process
+from tests.conftest import EXAMPLES, REPO, ServiceProcess, free_ports
 
 STARTUP_TIMEOUT = 30.0
 SCRAPE_INTERVAL = "1s"
@@ -75,8 +81,9 @@ class PrometheusProcess:
             pytest.fail(f"Prometheus refused {promql!r}: {answer.get('error')}")
         return answer["data"]["result"]
 
-    def label_values(self, label: str, match: str) -> list[str]:
-        answer = self.http.get(f"/api/v1/label/{label}/values", params={"match[]": match}).json()
+    def label_values(self, label: str, *matchers: str) -> list[str]:
+        """The values of `label` on the series any of `matchers` selects (as a Perses variable asks)."""
+        answer = self.http.get(f"/api/v1/label/{label}/values", params={"match[]": list(matchers)}).json()
         assert answer["status"] == "success", answer
         return answer["data"]
 
@@ -110,17 +117,17 @@ def start_prometheus() -> Iterator:
         work_dir.cleanup()
 
 
-class GpuEmitter:
-    """vLLM (KServe-prefixed) and DCGM series in their real formats; counters grow per scrape."""
+class Emitter:
+    """A real HTTP target serving `render(scrapes so far)` as Prometheus text, on a free port."""
 
-    def __init__(self) -> None:
+    def __init__(self, render: Callable[[int], str]) -> None:
         self.scrapes = 0
         emitter = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 emitter.scrapes += 1
-                body = emitter.render().encode()
+                body = render(emitter.scrapes).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.end_headers()
@@ -133,8 +140,76 @@ class GpuEmitter:
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def render(self) -> str:
-        n = self.scrapes
+    def __enter__(self) -> Emitter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# Routes as the MaaS controller names them: an inference.opendatahub.io ExternalModel's route is the
+# model's name, a legacy one `maas-<name>`, an LLMInferenceService's `<name>-kserve-route`. `granite`
+# is GPU-served behind a hand-made route without the suffix: only a catalog can place it.
+PLAIN_ROUTES = {"maas-demo/qwen3-14b": "qwen3-14b", "maas-demo/maas-gpt-4o": "gpt-4o",
+                "maas-demo/qwen3-8b-kserve-route": "qwen3-8b", "maas-demo/granite": "granite"}
+PLAIN_CATALOG = {"models": [
+    {"limitador_namespace": "maas-demo/qwen3-14b", "model": "qwen3-14b", "kind": "external", "provider": "openai"},
+    {"limitador_namespace": "maas-demo/qwen3-8b-kserve-route", "model": "qwen3-8b", "kind": "gpu"},
+    {"limitador_namespace": "maas-demo/granite", "model": "granite", "kind": "gpu"},
+]}  # maas-demo/maas-gpt-4o is left out: the convention places it
+
+
+def limitador_exposition(scrapes: int, suffix: str = "") -> str:
+    """Limitador's /metrics (limitador-server prometheus_metrics.rs through metrics-exporter-prometheus:
+    `# TYPE` lines, counters without `_total`) under a MaaS TelemetryPolicy's labels and `-l`; `suffix`
+    `_total` is what an OpenTelemetry pipeline makes of it. alice is refused on every route, bob never."""
+    lines = []
+    families: dict[str, list[str]] = {"authorized_calls": [], "authorized_hits": [], "limited_calls": []}
+    for route, model in PLAIN_ROUTES.items():
+        for user, subscription, calls, tokens, refused in (("alice", "free", 3, 300, 1), ("bob", "premium", 2, 40, 0)):
+            labels = f'limitador_namespace="{route}",model="{model}",subscription="{subscription}",user="{user}"'
+            families["authorized_calls"].append(f"{{{labels}}} {calls * scrapes}")
+            families["authorized_hits"].append(f"{{{labels}}} {tokens * scrapes}")
+            if refused:
+                limit_name = f"maas-demo-{subscription}-{model}-tokens"
+                families["limited_calls"].append(f'{{{labels},limit_name="{limit_name}"}} {refused * scrapes}')
+    for name, samples in families.items():
+        lines.append(f"# TYPE {name}{suffix} counter")
+        lines.extend(f"{name}{suffix}{sample}" for sample in samples)
+        lines.append("")
+    lines += ["# TYPE limitador_up gauge", "limitador_up 1", ""]
+    return "\n".join(lines)
+
+
+class LimitadorEmitter(Emitter):
+    def __init__(self, suffix: str = "") -> None:
+        super().__init__(lambda scrapes: limitador_exposition(scrapes, suffix))
+
+
+@contextlib.contextmanager
+def catalog_exporter(work_dir: Path) -> Iterator[str]:
+    """The real `ratelimit-exporter` (memory storage: no counters) serving PLAIN_CATALOG; yields its address."""
+    models = work_dir / "models.yaml"
+    models.write_text(yaml.safe_dump(PLAIN_CATALOG))
+    port = free_ports(1)[0]
+    command = [sys.executable, "-m", "exporter.main", str(OBSERVABILITY / "limits.yaml"), "memory",
+               "-B", "127.0.0.1", "-P", str(port), "--model-catalog", str(models)]
+    url = f"http://127.0.0.1:{port}/metrics"
+    with running("ratelimit-exporter", command, lambda: httpx.get(url, timeout=1.0).status_code == 200,
+                 work_dir / "exporter.log", not_ready_yet=(httpx.TransportError,), cwd=REPO):
+        yield f"127.0.0.1:{port}"
+
+
+class GpuEmitter(Emitter):
+    """vLLM (KServe-prefixed) and DCGM series in their real formats; counters grow per scrape."""
+
+    def __init__(self) -> None:
+        super().__init__(self.render)
+
+    @staticmethod
+    def render(n: int) -> str:
         labels = 'model_name="qwen3-8b",engine="0"'
         dcgm = 'gpu="0",UUID="GPU-1",device="nvidia0",modelName="NVIDIA L40S",Hostname="node-1"'
         lines = [
@@ -152,14 +227,6 @@ class GpuEmitter:
             f"DCGM_FI_DEV_POWER_USAGE{{{dcgm}}} 281.5",
         ]
         return "\n".join(lines) + "\n"
-
-    def __enter__(self) -> GpuEmitter:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 class Workload:

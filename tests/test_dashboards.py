@@ -20,6 +20,7 @@ PANEL_KEY = re.compile(r"^[a-zA-Z0-9_.-]{1,75}$")
 PLUGIN_KEYS = {
     "TimeSeriesChart": {"legend", "tooltip", "yAxis", "thresholds", "visual", "querySettings"},
     "StatChart": {"calculation", "format", "thresholds", "sparkline", "colorMode", "mappings", "metricLabel"},
+    "GaugeChart": {"calculation", "format", "thresholds", "max", "legend"},
     "Table": {"density", "pagination", "columnSettings", "cellSettings", "transforms", "enableFiltering",
               "enableSorting", "defaultColumnWidth", "defaultColumnHeight"},
 }

@@ -82,9 +82,27 @@ def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
     assert remaining["user3"] == 0 and limits[OTHER] == 3000
     # The per-user variable fills the `user` label, so quota joins the call series.
     assert {s.labels.get("user") for s in families["ratelimit_quota_used"]} == {"user3", "user1", None}
-    count = families["ratelimit_quota_utilisation"]
-    assert [s.value for s in count if s.name.endswith("_count")] == [5]
-    assert [s.value for s in count if s.labels.get("le") == "1.0"] == [4]
+    utilisation = {s.labels["counter"]: s.value for s in families["ratelimit_quota_utilisation"]}
+    assert utilisation == {"user3": 1.5, "user1": 0.9, OTHER: 65 / 3000}
+    # Every counter (the capped ones too) by share of its limit used: 900 and 1500 of 1000.
+    reached = {s.labels["threshold"]: s.value for s in families["ratelimit_quota_counters_at_or_above"]}
+    assert reached == {"0.5": 2, "0.75": 2, "0.9": 2, "1.0": 1}
+
+
+def test_quota_families_are_gauges_that_go_down_when_windows_reset() -> None:
+    """A snapshot: when a window resets its counter leaves, and every count drops with it."""
+    counters = statuses([950, 990])
+
+    async def read() -> list[CounterStatus]:
+        return counters
+
+    collector = QuotaCollector(read, LABELS)
+    asyncio.run(collector.refresh())
+    assert {family.type for family in collector.collect()} == {"gauge"}
+    before = {s.labels["threshold"]: s.value for s in collect(collector)["ratelimit_quota_counters_at_or_above"]}
+    counters.pop()
+    after = {s.labels["threshold"]: s.value for s in collect(collector)["ratelimit_quota_counters_at_or_above"]}
+    assert before["0.9"] == 2 and after["0.9"] == 1
 
 
 def test_catalog_from_model_objects_and_models_file() -> None:

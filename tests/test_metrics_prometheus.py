@@ -1,13 +1,32 @@
-"""Proof on a real Prometheus: it scrapes the real service (with -L user/model/subscription and
---quota-metrics) while a token workload runs through the HTTP API, plus a small emitter of vLLM
-and DCGM series; the seed's four queries and every dashboard query must return data."""
+"""Proof on a real Prometheus.
+
+- It scrapes the real service (with -L user/model/subscription, --quota-metrics and the model
+  catalog) while a token workload runs through the HTTP API, plus a small emitter of vLLM and DCGM
+  series: the seed's four queries and every dashboard query return data, tables are readable.
+- It scrapes what a plain Kuadrant Limitador serves (a real HTTP target with Limitador's exposition,
+  bare or `_total` names): every "MaaS External Models" query still returns data, routes placed by
+  the seed's naming convention; next to the real `ratelimit-exporter` serving a model catalog, the
+  catalog places the routes it lists.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from dashboards.generate import DASHBOARDS, external_models, gpu_models, subscriptions
-from dashboards.perses import all_queries, with_all_values
+from dashboards.perses import Dashboard, all_queries, with_all_values
+from dashboards.render import PanelData, table_rows
 from tests.conftest import wait_until
-from tests.prometheus_fixtures import EXTERNAL, observed, start_prometheus  # noqa: F401 - fixtures
+from tests.prometheus_fixtures import (  # noqa: F401 - fixtures
+    EXTERNAL,
+    LimitadorEmitter,
+    PrometheusProcess,
+    catalog_exporter,
+    observed,
+    start_prometheus,
+)
 
 # The seed's "MaaS External Models" queries, verbatim but for its demo namespace's route names.
 SEED_QUERIES = {
@@ -16,6 +35,7 @@ SEED_QUERIES = {
     "limitedCalls": 'sum(rate(limited_calls{limitador_namespace=~"maas-demo/.*",limitador_namespace!~".*-kserve-route"}[5m])) by (limitador_namespace, user)',
     "limitadorUp": "limitador_up",
 }
+SCRAPE_LABELS = {"instance", "job"}
 
 
 def all_values(query: str) -> str:
@@ -23,17 +43,37 @@ def all_values(query: str) -> str:
     return with_all_values(query, [v for build in DASHBOARDS for v in build().variables])
 
 
-def _every_query_answers(prometheus, queries: list[str]) -> list[str]:
+def _every_query_answers(prometheus: PrometheusProcess, queries: list[str]) -> list[str]:
     """The queries still without data (empty when all answer)."""
     return [q for q in queries if not prometheus.query(all_values(q))]
+
+
+def _wait_for_every_query(prometheus: PrometheusProcess, queries: list[str]) -> None:
+    wait_until(lambda: not _every_query_answers(prometheus, queries), timeout=60, interval=1.0,
+               what=f"data for every query; still empty: {_every_query_answers(prometheus, queries)}")
+
+
+def panel_queries(dashboard: Dashboard, key: str) -> list[str]:
+    return [q["spec"]["plugin"]["spec"]["query"] for q in dashboard.spec()["panels"][key]["spec"]["queries"]]
+
+
+def routes_of(prometheus: PrometheusProcess, dashboard: Dashboard, key: str) -> set[str]:
+    """The routes a panel (variables at "All") shows."""
+    return {r["metric"]["limitador_namespace"] for q in panel_queries(dashboard, key)
+            for r in prometheus.query(all_values(q))}
+
+
+def variable_values(prometheus: PrometheusProcess, dashboard: Dashboard, name: str) -> set[str]:
+    variable = next(v["spec"] for v in dashboard.variables if v["spec"]["name"] == name)
+    plugin = variable["plugin"]["spec"]
+    return set(prometheus.label_values(plugin["labelName"], *plugin["matchers"]))
 
 
 def test_seed_and_dashboard_queries_answer_on_real_prometheus(observed) -> None:  # noqa: F811 - a fixture
     prometheus, workload = observed
     dashboards = {build().name: build() for build in (external_models, gpu_models, subscriptions)}
     queries = [q for dashboard in dashboards.values() for q in all_queries(dashboard.spec())]
-    wait_until(lambda: not _every_query_answers(prometheus, [*SEED_QUERIES.values(), *queries]), timeout=60,
-               interval=1.0, what=f"data for every query; still empty: {_every_query_answers(prometheus, queries)}")
+    _wait_for_every_query(prometheus, [*SEED_QUERIES.values(), *queries])
     assert workload.statuses.get(("alice", 429)), "the workload never ran into a limit"
 
     # The seed's four queries, unchanged, answer; limited_calls names the limited caller only.
@@ -47,11 +87,73 @@ def test_seed_and_dashboard_queries_answer_on_real_prometheus(observed) -> None:
     # Every variable of every dashboard offers values.
     for dashboard in dashboards.values():
         for variable in dashboard.variables:
-            plugin = variable["spec"]["plugin"]["spec"]
-            assert prometheus.label_values(plugin["labelName"], plugin["matchers"][0]), variable["spec"]["name"]
+            assert variable_values(prometheus, dashboard, variable["spec"]["name"]), variable["spec"]["name"]
 
     # Remaining quota of the busiest users: present, and within [0, limit].
     remaining = prometheus.query('ratelimit_quota_remaining{user="alice"}')
     assert remaining
     assert not prometheus.query("ratelimit_quota_remaining > ratelimit_quota_limit")
     assert not prometheus.query("ratelimit_quota_remaining < 0")
+
+
+def test_quota_table_is_readable(observed) -> None:  # noqa: F811 - a fixture
+    """"Users closest to exhaustion": one row per counter, every column named, no scrape labels,
+    no `user` repeating `counter`, the share used as a percentage."""
+    prometheus, _ = observed
+    dashboard = subscriptions()
+    panel = dashboard.spec()["panels"]["closestToExhaustion"]
+    queries = panel_queries(dashboard, "closestToExhaustion")
+    _wait_for_every_query(prometheus, queries)
+    settings = panel["spec"]["plugin"]["spec"]["columnSettings"]
+    named = {s["name"] for s in settings if not s.get("hide")}
+    for query in queries:
+        answer = prometheus.query(all_values(query))
+        labels = {k for r in answer for k in r["metric"]}
+        assert labels == {"limitador_namespace", "limit_name", "counter"}, query
+        assert labels <= named and not labels & SCRAPE_LABELS
+    answers = [(None, [(r["metric"], [(float(r["value"][0]), float(r["value"][1]))])
+                       for r in prometheus.query(all_values(q))]) for q in queries]
+    headers, rows = table_rows(PanelData("closestToExhaustion", panel, answers))
+    assert headers == ["Route", "Limit", "User", "Used", "Tokens used", "Tokens left", "Resets in"]
+    assert rows and all(row[3].endswith("%") and row[6].endswith(" s") for row in rows)
+    alice = [row for row in rows if row[2] == "alice"]
+    assert alice and float(alice[0][3].rstrip("%")) > 50, "alice ran into her free limit"
+
+
+@pytest.mark.parametrize("suffix", ["", "_total"])
+def test_external_models_on_plain_limitador(start_prometheus, suffix: str) -> None:  # noqa: F811
+    """Only Limitador's series (no catalog, no quota gauges): every panel answers, and shows the
+    routes the seed's naming convention calls external."""
+    dashboard = external_models()
+    with LimitadorEmitter(suffix) as limitador:
+        prometheus = start_prometheus({"limitador": [limitador.address]})
+        _wait_for_every_query(prometheus, all_queries(dashboard.spec()))
+        assert not prometheus.query('{__name__=~"ratelimit_.*"}'), "a plain Limitador has no ratelimit_ series"
+        external = {"maas-demo/qwen3-14b", "maas-demo/maas-gpt-4o", "maas-demo/granite"}
+        for key in ("authorizedCalls", "tokenUsage", "limitedCalls", "ratio429"):
+            assert routes_of(prometheus, dashboard, key) == external, key
+        assert variable_values(prometheus, dashboard, "namespace") == external
+        limited = prometheus.query(all_values(panel_queries(dashboard, "limitedCalls")[0]))
+        assert {r["metric"]["user"] for r in limited} == {"alice"}
+        top = prometheus.query(all_values(panel_queries(dashboard, "topUsers")[0]))
+        assert {r["metric"]["user"] for r in top} == {"alice", "bob"}
+        # alice: 1 refused of 4 calls per scrape on each route.
+        ratio = prometheus.query(all_values(panel_queries(dashboard, "refusedNow")[0]))
+        assert [round(float(r["value"][1]), 3) for r in ratio] == [0.167]
+
+
+def test_catalog_places_the_routes_it_lists(start_prometheus, tmp_path: Path) -> None:  # noqa: F811
+    """A plain Limitador next to the real `ratelimit-exporter` serving a catalog: `granite`, GPU-served
+    behind a route without the -kserve-route suffix, leaves the external dashboard for the GPU one;
+    `maas-gpt-4o`, which the catalog does not list, is still placed by the convention."""
+    external, gpu = external_models(), gpu_models()
+    with LimitadorEmitter() as limitador, catalog_exporter(tmp_path) as exporter:
+        prometheus = start_prometheus({"limitador": [limitador.address], "exporter": [exporter]})
+        rate_limiter_panels = [q for key in ("tokenRate", "limitedRate") for q in panel_queries(gpu, key)]
+        _wait_for_every_query(prometheus, ["ratelimit_model_info", *all_queries(external.spec()), *rate_limiter_panels])
+        for key in ("authorizedCalls", "tokenUsage", "limitedCalls", "ratio429"):
+            assert routes_of(prometheus, external, key) == {"maas-demo/qwen3-14b", "maas-demo/maas-gpt-4o"}, key
+        for key in ("tokenRate", "limitedRate"):
+            assert routes_of(prometheus, gpu, key) == {"maas-demo/qwen3-8b-kserve-route", "maas-demo/granite"}, key
+        assert {"maas-demo/qwen3-14b", "maas-demo/maas-gpt-4o"} <= variable_values(prometheus, external, "namespace")
+        assert variable_values(prometheus, gpu, "model") == {"qwen3-8b", "granite"}
