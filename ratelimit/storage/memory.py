@@ -23,6 +23,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +38,8 @@ LIST_PAGE = 1000
 """Counters one listing call returns at most unless asked for fewer."""
 LIST_SCAN_ROWS = 1 << 15
 """Rows one listing kernel call scans under the lock (a fraction of a millisecond)."""
+LIST_ROWS_PER_PAGE = 1 << 18
+"""Rows one page scans at most, so a page that matches little still returns (with a cursor) soon."""
 SWEEP_ROWS = 1 << 16
 
 Clock = Callable[[], float]
@@ -56,7 +59,8 @@ class CounterPage:
     """One page of a counter listing; pass `next_cursor` back for the next page (None: the end)."""
 
     counters: list[CounterStatus]
-    next_cursor: int | None
+    next_cursor: Any
+    """A row number from list_counters, its text from get_counters_page; None at the end."""
 
 
 class _Plan:
@@ -157,49 +161,73 @@ class MemoryStorage(Storage):
                       variable: str | None = None, value: str | None = None) -> CounterPage:
         """Live counters of `limits` from `cursor` on, at most `max_counters` of them; with
         `variable` and `value`, only counters whose variable (its CEL source text, as in
-        `set_variables`) resolved to `value`. The table is scanned in chunks of LIST_SCAN_ROWS rows
-        under the lock, copied out, and turned into CounterStatus outside it. Counters added or
-        freed while a listing pages through may or may not appear (each page is consistent)."""
+        `set_variables`) resolved to `value`. See `_page` for how the lock is held."""
         if cursor < 0:
             raise ValueError(f"cursor must be a value from a previous page, got {cursor}")
-        if max_counters < 1:
-            raise ValueError(f"max_counters must be at least 1, got {max_counters}")
         if (variable is None) != (value is None):
             raise ValueError("variable and value go together")
+        if variable is None:
+            return self._page(limits, cursor, max_counters, None, None)
+        wanted = [limit for limit in limits if variable in limit.variables]
+        needle = (value or "").encode("utf-8")
+        return self._page(wanted, cursor, max_counters, needle,
+                          lambda counter: counter.set_variables.get(variable) == value)
+
+    async def get_counters_page(self, limits: Sequence[Limit], cursor: str | None, max_counters: int,
+                                match: Callable[[Counter], bool] | None = None) -> CounterPage:
+        """A page of live counters for the control plane; `cursor` is a previous page's
+        `next_cursor` (None: from the start), `match` keeps only the counters it accepts."""
+        try:
+            row = 0 if cursor is None else int(cursor)
+            if row < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"invalid cursor {cursor!r}: pass back a next_cursor from a previous page") from None
+        page = self._page(limits, row, max_counters, None, match)
+        return CounterPage(page.counters, None if page.next_cursor is None else str(page.next_cursor))
+
+    def _page(self, limits: Sequence[Limit], cursor: int, max_counters: int, needle: bytes | None,
+              match: Callable[[Counter], bool] | None) -> CounterPage:
+        """Scan the table from row `cursor` in chunks of LIST_SCAN_ROWS rows, each copied out under
+        the lock (a fraction of a millisecond) and turned into CounterStatus outside it, until
+        `max_counters` counters or LIST_ROWS_PER_PAGE rows; the page may hold fewer counters than
+        asked while next_cursor is not None. Counters added or freed while a listing pages through
+        may or may not appear."""
+        if max_counters < 1:
+            raise ValueError(f"max_counters must be at least 1, got {max_counters}")
         wanted = np.zeros(self.table.limit_slots, dtype=np.bool_)
         limit_of_no: dict[int, Limit] = {}
         for limit in limits:
             no = self._no_by_identity.get(limit.identity)
-            if no is not None and (variable is None or variable in limit.variables):
+            if no is not None:
                 wanted[no] = True
                 limit_of_no[no] = limit
-        needle = np.zeros(0, dtype=np.uint8)
-        if value is not None:
-            needle = np.frombuffer(value.encode("utf-8"), dtype=np.uint8)
         statuses: list[CounterStatus] = []
-        next_cursor: int | None = cursor
         if not limit_of_no:
             return CounterPage(statuses, None)
-        while next_cursor is not None and len(statuses) < max_counters:
+        needle_array = np.frombuffer(needle or b"", dtype=np.uint8)
+        next_cursor: int | None = cursor
+        scanned_until = cursor + LIST_ROWS_PER_PAGE
+        while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
             room = max_counters - len(statuses)
             out_rows = np.empty((room, 5), dtype=np.int64)
             out_keys = np.empty(min(room * 256, 1 << 22), dtype=np.uint8)
             out_ends = np.empty(room, dtype=np.int64)
             now = self._now_ms()
-            result = self._call(kernels.list_rows, wanted, needle, next_cursor, LIST_SCAN_ROWS, now, _pid(),
+            result = self._call(kernels.list_rows, wanted, needle_array, next_cursor, LIST_SCAN_ROWS, now, _pid(),
                                 out_rows, out_keys, out_ends)
             count = int(result[0])
             next_cursor = None if result[1] < 0 else int(result[1])
             start = 0
             for i in range(count):
-                row, no, used, expires, reserved = out_rows[i].tolist()
+                _, no, used, expires, reserved = out_rows[i].tolist()
                 end = int(out_ends[i])
                 limit = limit_of_no[no]
                 values = Counter.values_from_qualifier(limit, bytes(out_keys[start:end]).decode("utf-8"))
                 start = end
                 counter = Counter(limit, values)
-                if variable is not None and counter.set_variables.get(variable) != value:
-                    continue  # the value was found elsewhere in the key
+                if match is not None and not match(counter):
+                    continue
                 statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
         return CounterPage(statuses, next_cursor)
 

@@ -1,0 +1,169 @@
+"""The memory table's control-plane side and its key index, in one process with a controllable clock:
+paged listing, filtering by a variable's value, sweeping, counters of removed limits, and many keys
+coming and going through the open-addressing index (compared with the reference model)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from ratelimit.counters import StorageFullError
+from ratelimit.engine import RateLimiter
+from ratelimit.limits import Limit
+from ratelimit.storage.memory import MemoryStorage
+from tests.reference_model import ReferenceModel
+
+NS = "ns"
+USER = "descriptors[0]['user']"
+MODEL = "descriptors[0]['model']"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coroutine):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine)
+
+
+def engine_with(*limits: Limit, capacity: int = 10_000) -> tuple[RateLimiter, MemoryStorage, Clock]:
+    clock = Clock()
+    storage = MemoryStorage(capacity=capacity, clock=clock)
+    return RateLimiter(storage, limits), storage, clock
+
+
+def test_listing_pages_through_every_counter_once() -> None:
+    per_user = Limit(NS, 100, 60, (), (USER,), name="per-user")
+    engine, storage, _ = engine_with(per_user)
+    for i in range(2500):
+        run(engine.report(NS, [{"user": f"u{i}"}], 1 + i % 7))
+    seen = {}
+    cursor: int | None = 0
+    pages = 0
+    while cursor is not None:
+        page = storage.list_counters([per_user], cursor=cursor, max_counters=1000)
+        assert len(page.counters) <= 1000
+        for status in page.counters:
+            assert status.counter.values not in seen
+            seen[status.counter.values] = status.value
+        cursor = page.next_cursor
+        pages += 1
+    assert pages >= 3
+    assert seen == {(f"u{i}",): 1 + i % 7 for i in range(2500)}
+
+
+def test_get_counters_page_takes_text_cursors_and_a_match() -> None:
+    per_user = Limit(NS, 100, 60, (), (USER,))
+    engine, storage, _ = engine_with(per_user)
+    for i in range(300):
+        run(engine.report(NS, [{"user": f"u{i}"}], 1))
+    found = []
+    cursor = None
+    while True:
+        page = run(storage.get_counters_page([per_user], cursor, 50, lambda c: c.values[0].endswith("7")))
+        found.extend(status.counter.values[0] for status in page.counters)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+        assert isinstance(cursor, str)
+    assert sorted(found) == sorted(f"u{i}" for i in range(300) if str(i).endswith("7"))
+    with pytest.raises(ValueError, match="invalid cursor"):
+        run(storage.get_counters_page([per_user], "not-a-cursor", 10))
+
+
+def test_listing_filters_by_a_variable_value() -> None:
+    per_user = Limit(NS, 100, 60, (), (USER,), name="per-user")
+    per_user_model = Limit(NS, 100, 60, (), (USER, MODEL), name="per-user-model")
+    global_limit = Limit(NS, 1000, 60, (), (), name="global")
+    engine, storage, _ = engine_with(per_user, per_user_model, global_limit)
+    for user in ("alice", "bob", "malice"):
+        for model in ("alice", "gpt"):  # a model named like a user must not match the user filter
+            run(engine.report(NS, [{"user": user, "model": model}], 1))
+    page = storage.list_counters(engine.all_limits(), variable=USER, value="alice")
+    assert page.next_cursor is None
+    found = sorted((status.limit.name, status.counter.set_variables[MODEL] if MODEL in status.limit.variables
+                    else None, status.value) for status in page.counters)
+    assert found == [("per-user", None, 2), ("per-user-model", "alice", 1), ("per-user-model", "gpt", 1)]
+
+
+def test_counters_of_a_removed_limit_resume_within_a_window_and_restart_after() -> None:
+    minute = Limit(NS, 10, 60, (), (USER,), name="minute")
+    hour = Limit(NS, 10, 3600, (), (USER,), name="hour")
+    engine, storage, clock = engine_with(minute, hour)
+    run(engine.report(NS, [{"user": "alice"}], 4))
+    engine.configure_with([hour])  # the minute limit disappears (a bad reload, say)
+    assert [s.limit.name for s in run(engine.get_counters(NS))] == ["hour"]
+    clock.now += 30
+    engine.configure_with([minute, hour])  # and comes back within its window: it resumes
+    decision = run(engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True))
+    assert {s.limit.name: s.value for s in decision.counters} == {"minute": 5, "hour": 5}
+    engine.configure_with([hour])
+    clock.now += 61
+    engine.configure_with([minute, hour])  # back after its window: a fresh window
+    decision = run(engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True))
+    assert {s.limit.name: s.value for s in decision.counters} == {"minute": 1, "hour": 6}
+
+
+def test_sweep_frees_rows_idle_for_a_window_and_nothing_else() -> None:
+    short = Limit(NS, 10, 10, (), (USER,))
+    engine, storage, clock = engine_with(short, capacity=1000)
+    for i in range(500):
+        run(engine.report(NS, [{"user": f"u{i}"}], 1))
+    clock.now += 15  # windows over, but each counter keeps its row for one more window
+    for i in range(100):
+        run(engine.report(NS, [{"user": f"u{i}"}], 1))  # these start new windows
+    assert storage.sweep(max_rows=10_000) == 0
+    clock.now += 10
+    assert storage.sweep(max_rows=10_000) == 400
+    assert storage.counter_count == 100
+    assert storage.stats().freed_rows == 400
+
+
+def test_reservation_holds_keep_rows_and_release_on_expiry() -> None:
+    limit = Limit(NS, 10, 10, (), (USER,))
+    engine, storage, clock = engine_with(limit, capacity=1)
+    decision = run(engine.reserve(NS, [{"user": "alice"}], 4, 100.0))
+    assert decision.reservation_id
+    clock.now += 50  # long past the (never started) window: the hold keeps the row
+    with pytest.raises(StorageFullError):
+        run(engine.report(NS, [{"user": "bob"}], 1))
+    clock.now += 51  # the reservation expired and released itself: bob gets the row
+    run(engine.report(NS, [{"user": "bob"}], 1))
+    assert [s.counter.values for s in run(engine.get_counters(NS))] == [("bob",)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
+    """Hundreds of users through a 64-row table with short windows: rows are reclaimed and reused
+    all the time, so index entries are deleted (backward shift) and re-added in every probe pattern."""
+    rng = random.Random(seed)
+    limits = [Limit(NS, 5, 2, (), (USER,), name="short"), Limit(NS, 50, 7, (), (USER, MODEL), name="pair")]
+    engine, storage, clock = engine_with(*limits, capacity=64)
+    model = ReferenceModel(keeps_removed_counters=True)
+    model.configure(limits)
+    compared = 0
+    for _ in range(3000):
+        clock.now += rng.choice([0, 0, 0.1, 0.5, 1.3])
+        now_ms = round(clock.now * 1000)
+        descriptors = [{"user": f"user-{rng.randrange(150)}", "model": rng.choice("ab")}]
+        keys = model.keys_for(NS, descriptors)
+        occupied = {key for key in model.counters if model.occupies_row(key, now_ms)}
+        delta = rng.randrange(1, 4)
+        if len(occupied | set(keys)) > storage.capacity:
+            continue  # the table may be full: the answer is not comparable
+        decision = run(engine.check_and_report(NS, descriptors, delta, load_counters=True))
+        expected = model.check_and_report(keys, delta, now_ms)
+        assert (decision.limited_by.identity if decision.limited_by else None) == expected.limited_by
+        assert {(s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved)
+                for s in decision.counters} == expected.states
+        compared += 1
+    assert compared > 1000
+    listed = {(s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved)
+              for s in run(engine.get_counters(NS))}
+    assert listed == model.live_counters(NS, round(clock.now * 1000))
