@@ -193,6 +193,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     serve.add_argument("--api-token", metavar="TOKEN",
                        help="require `Authorization: Bearer TOKEN` on the HTTP API but /status and /metrics "
                             "(env RATELIMIT_API_TOKEN)")
+    serve.add_argument("--openai-errors", action="store_true",
+                       help="answer OVER_LIMIT with an OpenAI-shaped JSON error and Retry-After, which Envoy's "
+                            "rate-limit filter sends in its 429 (the ext_proc token meter always does)")
+    serve.add_argument("--ext-proc-config", metavar="FILE",
+                       help="YAML: how the ext_proc token meter maps requests to namespace, descriptors and "
+                            "cost (examples/envoy/README.md); default: x-user-id / MaaS headers, model from the body")
     serve.add_argument("-c", "--cache", metavar="N", type=_argument_type(_positive_int),
                        help="memory storage: at most N counters")
     serve.add_argument("--on-storage-error", metavar="MODE", choices=("open", "closed"), default="closed",
@@ -308,6 +314,8 @@ def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Valida
         quota_metrics=args.quota_metrics,
         model_catalog=tuple(args.model_catalog),
         api_token=setting(args.api_token, "RATELIMIT_API_TOKEN", str, None),
+        openai_errors=args.openai_errors,
+        ext_proc_config=args.ext_proc_config,
         log_level=LOG_LEVELS[min(args.verbosity, len(LOG_LEVELS) - 1)],
         reload_interval=setting(args.reload_interval, "RATELIMIT_RELOAD_INTERVAL", _positive_float, DEFAULT_INTERVAL),
     )

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics, TimedStorage, load_custom_labels
+from ratelimit.server.ext_proc import MeterConfigError, load_meter_config
 from ratelimit.server.grpc import GrpcServer
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
@@ -80,6 +81,10 @@ class ServiceConfig:
     model_catalog: tuple[str, ...] = ()
     """Model CR / models files for `ratelimit_model_info`."""
     api_token: str | None = None
+    openai_errors: bool = False
+    """`--openai-errors`: OVER_LIMIT answers carry an OpenAI-shaped error body and Retry-After."""
+    ext_proc_config: str | None = None
+    """`--ext-proc-config FILE`: how the ext_proc token meter maps requests to limits (server/ext_proc.py)."""
     log_level: str = "error"
     """A uvicorn log level name: critical, error, warning, info, debug or trace."""
     reload_interval: float = DEFAULT_INTERVAL
@@ -147,7 +152,9 @@ def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
     watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval, loader)
     watcher.load()
     options = ServiceOptions(
-        rate_limit_headers=config.rate_limit_headers == "DRAFT_VERSION_03", api_token=config.api_token
+        rate_limit_headers=config.rate_limit_headers == "DRAFT_VERSION_03",
+        api_token=config.api_token,
+        openai_errors=config.openai_errors,
     )
     metrics = build_metrics(config, engine)
     metrics.registry.register(StorageHealth(engine.storage))
@@ -190,9 +197,14 @@ def build_storage(config: ServiceConfig) -> Storage:
 
 
 def build_servers(service: Service, config: ServiceConfig) -> list[ManagedServer]:
+    try:
+        meter_config = load_meter_config(config.ext_proc_config)
+    except MeterConfigError as error:
+        raise ServerError(f"cannot start the ext_proc token meter: {error}") from None
     servers: list[ManagedServer] = [
         HttpServer(create_http_app(service), config.http_ip, config.http_port, config.log_level),
-        GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS),
+        GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS,
+                   meter_config=meter_config),
     ]
     return servers
 

@@ -89,7 +89,7 @@ class EnvoyRateLimitService:
             for group, descriptors in groups:  # all refused up front, before a group charges anything
                 self._validate(namespace, descriptors, group)
         outcomes: list[Outcome] = []
-        charged, decided = 0, False
+        charged, decided, refused_amount = 0, False, 1
         for group, descriptors in groups:
             try:
                 decision = await self._decide(namespace, descriptors, group.own_hits, delta)
@@ -99,9 +99,11 @@ class EnvoyRateLimitService:
             charged += _charged(group, decision, delta)
             decided = decided or group.decides
             if decision.limited and group.decides:
+                refused_amount = delta if group.own_hits is None else 1  # a check asks for room for 1
                 break
         self._record(namespace, maps, outcomes, charged, decided)
-        return rls_response(len(maps), outcomes, self.service.options.rate_limit_headers)
+        options = self.service.options
+        return rls_response(len(maps), outcomes, options.rate_limit_headers, refused_amount if options.openai_errors else None)
 
     def _validate(self, namespace: str, descriptors: list[dict[str, str]], group: Group) -> None:
         """Refuse bad descriptors (the engine validates while it finds a request's counters)."""

@@ -25,6 +25,7 @@ from ratelimit.counters import StorageError
 from ratelimit.engine import InvalidRequest
 from ratelimit.proto import kuadrantrls_pb2
 from ratelimit.server.envoy_rls import EnvoyRateLimitService
+from ratelimit.server.ext_proc import EXT_PROC_SERVICE, MeterConfig, ext_proc_handler
 from ratelimit.server.kuadrant import KuadrantRateLimitService
 from ratelimit.server.state import Service
 
@@ -105,8 +106,12 @@ class GrpcServer:
 
     name = "gRPC"
 
-    def __init__(self, service: Service, host: str, port: int, reflection: bool = False, grace: float = 10.0) -> None:
+    def __init__(
+        self, service: Service, host: str, port: int, reflection: bool = False, grace: float = 10.0,
+        meter_config: MeterConfig | None = None,
+    ) -> None:
         self.service = service
+        self.meter_config = meter_config or MeterConfig()
         self.address = f"{host}:{port}"
         self.reflection = reflection
         self.grace = grace
@@ -119,10 +124,11 @@ class GrpcServer:
     async def serve(self) -> None:
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         server.add_generic_rpc_handlers(rate_limit_handlers(self.service))
+        server.add_generic_rpc_handlers([ext_proc_handler(self.service, self.meter_config)])
         health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         if self.reflection:
-            names = (*RATE_LIMIT_SERVICES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+            names = (*RATE_LIMIT_SERVICES, EXT_PROC_SERVICE, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, server)
         try:
             self.port = server.add_insecure_port(self.address)
@@ -134,9 +140,9 @@ class GrpcServer:
         await server.start()
         self._server = server
         # run_service loads the limits before starting any server: once up, this one can answer.
-        for name in ("", *RATE_LIMIT_SERVICES):
+        for name in ("", *RATE_LIMIT_SERVICES, EXT_PROC_SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("gRPC (Envoy RLS v3, Kuadrant RLS v1) on %s", self.address)
+        logger.info("gRPC (Envoy RLS v3, Kuadrant RLS v1, ext_proc token meter) on %s", self.address)
         try:
             await self._stop_requested.wait()
         finally:

@@ -17,7 +17,14 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
 from ratelimit.counters import CounterStatus
-from ratelimit.engine import MAX_DELTA, MAX_DESCRIPTORS, MAX_NAMESPACE_LENGTH, Decision, InvalidRequest
+from ratelimit.engine import (
+    MAX_DELTA,
+    MAX_DESCRIPTORS,
+    MAX_NAMESPACE_LENGTH,
+    Decision,
+    InvalidRequest,
+)
+from ratelimit.server.openai_errors import limited_answer
 
 OK = RateLimitResponse.OK
 OVER_LIMIT = RateLimitResponse.OVER_LIMIT
@@ -83,7 +90,9 @@ def renumbered(error: InvalidRequest, positions: Sequence[int]) -> InvalidReques
     return InvalidRequest(field_name, error.message)
 
 
-def rls_response(descriptor_count: int, outcomes: Sequence[Outcome], with_headers: bool) -> RateLimitResponse:
+def rls_response(
+    descriptor_count: int, outcomes: Sequence[Outcome], with_headers: bool, openai_errors_for: int | None = None
+) -> RateLimitResponse:
     """OVER_LIMIT if any decision was limited, else OK, and one status per request descriptor (Envoy
     pairs them by index); with `with_headers` (`-H DRAFT_VERSION_03`), Limitador's X-RateLimit-*
     headers over every counter.
@@ -108,6 +117,11 @@ def rls_response(descriptor_count: int, outcomes: Sequence[Outcome], with_header
         latest = {status.counter: status for _, decision in outcomes for status in decision.counters}
         headers = Decision(limited, None, list(latest.values())).rate_limit_headers()
         response.response_headers_to_add.extend(HeaderValue(key=k, value=v) for k, v in sorted(headers.items()))
+    if limited and openai_errors_for is not None:
+        refused = next(decision for _, decision in outcomes if decision.limited)
+        answer = limited_answer(refused, openai_errors_for)
+        response.raw_body = answer.body
+        response.response_headers_to_add.extend(HeaderValue(key=k, value=v) for k, v in answer.headers.items())
     return response
 
 

@@ -44,6 +44,9 @@ class ConfigStatus:
 class ServiceOptions:
     rate_limit_headers: bool = False
     """Add draft-03 X-RateLimit-* headers (`-H DRAFT_VERSION_03`)."""
+    openai_errors: bool = False
+    """Answer OVER_LIMIT with an OpenAI-shaped JSON error and Retry-After (`--openai-errors`), which
+    Envoy's rate-limit filter sends in its 429 (the ext_proc token meter always does)."""
     api_token: str | None = None
     """When set, every HTTP endpoint but /metrics and /status needs `Authorization: Bearer <token>`."""
 
