@@ -56,7 +56,8 @@ LIMITS = [
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     limits = tmp_path_factory.mktemp("limits") / "limits.yaml"
     limits.write_text(yaml.safe_dump(LIMITS))
-    service = ServiceProcess(limits, "--openai-errors")
+    # A small table: the first listing of a 2M-row table takes long on a loaded machine (COMMON.md News).
+    service = ServiceProcess(limits, "--openai-errors", "memory", "-c", "100000")
     try:
         yield service.start()
     finally:
