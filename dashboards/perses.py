@@ -150,7 +150,8 @@ def with_all_values(promql: str, variables: list[Spec]) -> str:
     variable's `customAllValue` (`.*` for ours)."""
     for variable in variables:
         name, all_value = variable["spec"]["name"], variable["spec"].get("customAllValue", ".*")
-        promql = re.sub(r"\$(\{" + re.escape(name) + r"\}|" + re.escape(name) + r"\b)", lambda _, value=all_value: value, promql)
+        reference = re.compile(r"\$(\{" + re.escape(name) + r"\}|" + re.escape(name) + r"\b)")
+        promql = reference.sub(all_value.replace("\\", "\\\\"), promql)
     return promql
 
 

@@ -55,3 +55,19 @@ ensure_system_programs() {
     exit 1
   fi
 }
+
+# ensure_npm_packages DIR: the npm packages DIR/package-lock.json pins, installed into DIR/node_modules
+# by `npm ci` when missing or older than the lock (needs node and npm: see ensure_system_programs).
+ensure_npm_packages() {
+  local dir=$1
+  local installed="$dir/node_modules/.package-lock.json"
+  if [ -f "$installed" ] && [ ! "$dir/package-lock.json" -nt "$installed" ]; then
+    return 0
+  fi
+  echo "installing the npm packages of $dir (npm ci): $(cd "$dir" && node -e \
+    'console.log(Object.entries(require("./package.json").dependencies).map(([n, v]) => n + "@" + v).join(" "))')" >&2
+  if ! (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null); then
+    echo "error: 'npm ci' in $dir failed (is the npm registry reachable?); the tests need it once" >&2
+    exit 1
+  fi
+}

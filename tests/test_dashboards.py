@@ -1,17 +1,24 @@
-"""The generated dashboards: up to date, structurally valid Perses, PromQL parsed by promtool, and
-the alert rules' own promtool tests."""
+"""The generated dashboards: up to date, valid by Perses' own schemas (npm @perses-dev/core, run
+with node) and by the plugins' closed CUE schemas' keys, PromQL parsed by promtool, and the alert
+rules' own promtool tests."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
+import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from dashboards.generate import DASHBOARDS, OUT, files, render
 from dashboards.perses import all_queries
+from tests.conftest import REPO
 from tests.test_metrics_prometheus import all_values
 
 DASHBOARD_DIR = OUT.parent
@@ -26,6 +33,7 @@ PLUGIN_KEYS = {
 }
 REQUIRED_PLUGIN_KEYS = {"StatChart": {"calculation"}, "GaugeChart": {"calculation"}}
 QUERY_KEYS = {"query", "seriesNameFormat", "minStep", "resolution", "instant", "datasource"}
+PERSES_VALIDATOR = REPO / "tests" / "perses"
 
 
 def generated() -> dict[str, dict]:
@@ -119,3 +127,76 @@ def test_prometheus_rule_carries_the_tested_rules() -> None:
     assert documents["prometheusrule.yaml"]["spec"]["groups"] == documents["rules.yaml"]["groups"]
     monitor = documents["servicemonitor.yaml"]
     assert monitor["kind"] == "ServiceMonitor" and {e["path"] for e in monitor["spec"]["endpoints"]} == {"/metrics"}
+
+
+def perses_problems(documents: dict[str, dict], work_dir: Path) -> dict[str, list[str]]:
+    """Each document's problems by tests/perses/validate.cjs: Perses' own zod schemas and
+    vocabularies from @perses-dev/core (installed by ./scripts/test with npm ci)."""
+    if shutil.which("node") is None:
+        pytest.fail("node is not installed: ./scripts/test installs it (apt-get install nodejs npm)")
+    if not (PERSES_VALIDATOR / "node_modules" / "@perses-dev" / "core" / "package.json").is_file():
+        pytest.fail("@perses-dev/core is not installed in tests/perses: ./scripts/test installs it "
+                    "(or: cd tests/perses && npm ci)")
+    paths = {}
+    for name, document in documents.items():
+        paths[name] = work_dir / f"{name}.json"
+        paths[name].write_text(json.dumps(document))
+    result = subprocess.run(["node", str(PERSES_VALIDATOR / "validate.cjs"), *map(str, paths.values())],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode in (0, 1) and result.stdout, result.stderr
+    report = json.loads(result.stdout)
+    return {name: report[str(path)] for name, path in paths.items()}
+
+
+def test_dashboards_pass_perses_own_validation(tmp_path: Path) -> None:
+    documents = {name: document for name, document in generated().items()
+                 if document.get("kind") in ("Dashboard", "PersesDashboard")}
+    assert len(documents) == 2 * len(DASHBOARDS)
+    assert perses_problems(documents, tmp_path) == {name: [] for name in documents}
+
+
+def _fault(path: str, value: Any = None, delete: bool = False) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A change to a plain dashboard at a dotted `path` (list indices as numbers)."""
+    def apply(document: dict[str, Any]) -> dict[str, Any]:
+        document = copy.deepcopy(document)
+        *parents, last = path.split(".")
+        node: Any = document
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key: Any = int(last) if isinstance(node, list) else last
+        if delete:
+            del node[key]
+        else:
+            node[key] = value
+        return document
+    return apply
+
+
+# (fault, the place its problem must name): the validator must be able to fail.
+FAULTS = {
+    "legend position": (_fault("spec.panels.authorizedCalls.spec.plugin.spec.legend.position", "top"),
+                        "authorizedCalls.spec.plugin.spec.legend.position"),
+    "unit": (_fault("spec.panels.ratio429.spec.plugin.spec.yAxis.format.unit", "percentage"), "yAxis.format.unit"),
+    "calculation missing": (_fault("spec.panels.refusedNow.spec.plugin.spec.calculation", delete=True),
+                            "refusedNow.spec.plugin.spec.calculation"),
+    "panel title missing": (_fault("spec.panels.topUsers.spec.display.name", ""), "topUsers.spec.display.name"),
+    "panel kind": (_fault("spec.panels.topUsers.kind", "Pannel"), "topUsers.kind"),
+    "panel field": (_fault("spec.panels.topUsers.spec.legendFormat", "{{user}}"), "topUsers.spec.legendFormat"),
+    "dangling ref": (_fault("spec.layouts.0.spec.items.0.content", {"$ref": "#/spec/panels/nope"}),
+                     "layouts.0.spec.items.0.content"),
+    "panel key": (lambda d: {**d, "spec": {**d["spec"], "panels": {("bad key" if k == "topUsers" else k): v
+                                                                   for k, v in d["spec"]["panels"].items()}}},
+                  "panels.bad key"),
+    "duration": (_fault("spec.duration", "1 hour"), "spec.duration"),
+    "variable field": (_fault("spec.variables.0.spec.label", "Route"), "variables.0.spec.label"),
+    "variable flag": (_fault("spec.variables.0.spec.allowMultiple", "yes"), "variables.0.spec.allowMultiple"),
+    "project": (_fault("metadata.project", delete=True), "metadata.project"),
+}
+
+
+def test_perses_validation_catches_faults(tmp_path: Path) -> None:
+    plain = generated()["llm-d-external-models.dashboard.yaml"]
+    documents = {name: fault(plain) for name, (fault, _) in FAULTS.items()}
+    problems = perses_problems(documents, tmp_path)
+    for name, (_, where) in FAULTS.items():
+        assert any(where in problem for problem in problems[name]), (name, problems[name])

@@ -17,7 +17,7 @@ import pytest
 
 from dashboards.generate import DASHBOARDS, external_models, gpu_models, subscriptions
 from dashboards.perses import Dashboard, all_queries, with_all_values
-from dashboards.render import PanelData, table_rows
+from dashboards.render import PanelData, Series, table_rows
 from tests.conftest import wait_until
 from tests.prometheus_fixtures import (  # noqa: F401 - fixtures
     EXTERNAL,
@@ -111,7 +111,7 @@ def test_quota_table_is_readable(observed) -> None:  # noqa: F811 - a fixture
         labels = {k for r in answer for k in r["metric"]}
         assert labels == {"limitador_namespace", "limit_name", "counter"}, query
         assert labels <= named and not labels & SCRAPE_LABELS
-    answers = [(None, [(r["metric"], [(float(r["value"][0]), float(r["value"][1]))])
+    answers: list[tuple[str | None, Series]] = [(None, [(r["metric"], [(float(r["value"][0]), float(r["value"][1]))])
                        for r in prometheus.query(all_values(q))]) for q in queries]
     headers, rows = table_rows(PanelData("closestToExhaustion", panel, answers))
     assert headers == ["Route", "Limit", "User", "Used", "Tokens used", "Tokens left", "Resets in"]
