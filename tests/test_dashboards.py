@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dashboards.generate import DASHBOARDS, OUT, files, render
-from dashboards.perses import all_queries
+from dashboards.perses import Dashboard, all_queries
 from tests.conftest import REPO
 from tests.test_metrics_prometheus import all_values
 
@@ -40,6 +40,10 @@ def generated() -> dict[str, dict]:
     return {path.name: yaml.safe_load(path.read_text()) for path in sorted(OUT.glob("*.yaml"))}
 
 
+def grafana_files() -> dict[str, dict]:
+    return {path.name: json.loads(path.read_text()) for path in sorted(OUT.glob("*.grafana.json"))}
+
+
 def dashboard_specs() -> list[tuple[str, dict]]:
     """(file, dashboard spec) for both forms: the CR's spec.config and the plain spec."""
     specs = []
@@ -53,8 +57,8 @@ def dashboard_specs() -> list[tuple[str, dict]]:
 
 
 def test_generated_files_are_up_to_date() -> None:
-    expected = {name: render(content) for name, content in files().items()}
-    actual = {path.name: path.read_text() for path in OUT.glob("*.yaml")}
+    expected = {name: render(name, content) for name, content in files().items()}
+    actual = {path.name: path.read_text() for path in OUT.iterdir() if path.suffix in (".yaml", ".json")}
     assert actual == expected, "run `python -m dashboards.generate` and commit dashboards/generated/"
 
 
@@ -200,3 +204,59 @@ def test_perses_validation_catches_faults(tmp_path: Path) -> None:
     problems = perses_problems(documents, tmp_path)
     for name, (_, where) in FAULTS.items():
         assert any(where in problem for problem in problems[name]), (name, problems[name])
+
+
+GRAFANA_PANEL_TYPES = {"timeseries", "stat", "gauge", "table"}
+
+
+@pytest.mark.parametrize("build", DASHBOARDS, ids=lambda build: build.__name__)
+def test_grafana_dashboard_says_what_the_perses_one_says(build: Callable[[], Dashboard]) -> None:
+    """Each generated Grafana JSON: a data source variable every target uses, every Perses variable,
+    panels on the 24-column grid without overlaps, and per panel (by title) the same PromQL, in the
+    same order, as the Perses panel."""
+    dashboard = build()
+    grafana = grafana_files()[f"{dashboard.name}.grafana.json"]
+    assert grafana["title"] == dashboard.title and grafana["uid"]
+    variables = {v["name"]: v for v in grafana["templating"]["list"]}
+    assert variables.pop("datasource")["type"] == "datasource"
+    assert set(variables) == {v["spec"]["name"] for v in dashboard.variables}
+    for variable in variables.values():
+        assert variable["includeAll"] and variable["allValue"] == ".*" and variable["datasource"]["uid"] == "${datasource}"
+        assert re.fullmatch(r"label_values\(\{.+\}, \w+\)|label_values\(\w+(\{.*\})?, \w+\)", variable["definition"])
+    panels = [p for p in grafana["panels"] if p["type"] != "row"]
+    rows = [p for p in grafana["panels"] if p["type"] == "row"]
+    assert [r["title"] for r in rows] == [row.title for row in dashboard.rows]
+    cells: set[tuple[int, int]] = set()
+    for panel in grafana["panels"]:
+        place = panel["gridPos"]
+        assert place["x"] + place["w"] <= 24 and place["w"] > 0 and place["h"] > 0
+        covered = {(x, y) for x in range(place["x"], place["x"] + place["w"]) for y in range(place["y"], place["y"] + place["h"])}
+        assert not covered & cells, f"{panel['title']} overlaps another panel"
+        cells |= covered
+    perses = {p["spec"]["display"]["name"]: p for p in dashboard.spec()["panels"].values()}
+    titles = [p["title"] for p in panels]
+    assert sorted(titles) == sorted(perses) and len(set(titles)) == len(titles)
+    for panel in panels:
+        assert panel["type"] in GRAFANA_PANEL_TYPES and panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["datasource"]["uid"] == "${datasource}"
+            assert set(re.findall(r"\$(\w+)", target["expr"])) <= set(variables), target["expr"]
+        expected = [q["spec"]["plugin"]["spec"]["query"] for q in perses[panel["title"]]["spec"]["queries"]]
+        assert [t["expr"] for t in panel["targets"]] == expected, panel["title"]
+        legends = [q["spec"]["plugin"]["spec"].get("seriesNameFormat") for q in perses[panel["title"]]["spec"]["queries"]]
+        if panel["type"] == "timeseries":
+            assert [t["legendFormat"] for t in panel["targets"]] == [legend or "__auto" for legend in legends]
+
+
+def test_grafana_table_names_and_formats_its_columns() -> None:
+    grafana = grafana_files()["ratelimit-subscriptions-quota.grafana.json"]
+    table = next(p for p in grafana["panels"] if p["title"] == "Users Closest to Exhaustion")
+    assert [t["format"] for t in table["targets"]] == ["table"] * 4 and all(t["instant"] for t in table["targets"])
+    assert [t["id"] for t in table["transformations"]] == ["merge", "organize"]
+    assert table["transformations"][1]["options"]["excludeByName"] == {"Time": True}
+    names = {o["matcher"]["options"]: {p["id"]: p["value"] for p in o["properties"]}
+             for o in table["fieldConfig"]["overrides"]}
+    assert names["limitador_namespace"]["displayName"] == "Route" and names["counter"]["displayName"] == "User"
+    assert names["Value #A"] == {"displayName": "Used", "unit": "percentunit", "description": "used / limit"}
+    assert names["Value #D"]["unit"] == "s"
