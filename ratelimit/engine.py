@@ -7,7 +7,9 @@ Storage-agnostic and protocol-agnostic: servers translate wire messages into the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -190,20 +192,42 @@ class RateLimiter:
         counters = self.counters_for(namespace, descriptors)
         answer = await self.storage.reserve(counters, max(1, _checked_delta(amount, "amount")), ttl_seconds)
         decision = _decision(answer)
-        decision.reservation_id = answer.reservation_id
+        if answer.reservation_id is not None:
+            decision.reservation_id = f"{answer.reservation_id}{_DIGEST_SEPARATOR}{_request_digest(namespace, descriptors)}"
         return decision
 
     async def commit(self, namespace: str, descriptors: Descriptors, reservation_id: str, actual: int) -> Decision:
         """Replace a reservation by the amount really used. The amount is charged even when the
-        reservation has expired meanwhile: tokens spent are never lost."""
+        reservation has expired meanwhile: tokens spent are never lost.
+
+        The id carries a digest of the namespace and descriptors it was reserved for: a commit naming
+        others is refused (it would release one hold and charge other counters). An id without one
+        (not from reserve) is charged and reported not held, as an expired one."""
         if not reservation_id or len(reservation_id) > MAX_KEY_LENGTH:
             raise InvalidRequest("reservation_id", "must be a non-empty id from reserve")
+        storage_id, separator, digest = reservation_id.rpartition(_DIGEST_SEPARATOR)
+        if separator and digest != _request_digest(namespace, descriptors):
+            raise InvalidRequest(
+                "reservation_id",
+                "was reserved for another namespace or other descriptors; commit with those of its reserve",
+            )
         counters = self.counters_for(namespace, descriptors)
-        held, answer = await self.storage.commit(reservation_id, counters, _checked_delta(actual, "actual"))
+        held, answer = await self.storage.commit(
+            storage_id if separator else reservation_id, counters, _checked_delta(actual, "actual")
+        )
         return Decision(False, None, answer.counters, reservation_id, held)
 
     async def get_counters(self, namespace: str) -> list[CounterStatus]:
         return await self.storage.get_counters(self.get_limits(namespace))
+
+
+_DIGEST_SEPARATOR = "~"
+
+
+def _request_digest(namespace: str, descriptors: Descriptors) -> str:
+    """A short digest of what a reservation was made for; entry order does not matter."""
+    content = [namespace, *(sorted(descriptor.items()) for descriptor in descriptors)]
+    return hashlib.blake2b(json.dumps(content).encode("utf-8"), digest_size=8).hexdigest()
 
 
 def _memo_key(namespace: str, descriptors: Descriptors) -> tuple:

@@ -209,3 +209,18 @@ def test_reload_keeps_counters_of_unchanged_identity_and_drops_removed_ones() ->
     engine.configure_with([Limit("ns", 10, 60, (), USER, name="raised")])
     (status,) = run(engine.get_counters("ns"))
     assert (status.limit.name, status.value, status.remaining) == ("raised", 4, 6)
+
+
+def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> None:
+    engine = RateLimiter(MemoryStorage(capacity=100), [Limit("ns", 100, 60, variables=("descriptors[0]['user']",))])
+    reservation = run(engine.reserve("ns", [{"user": "ann"}], 30, 60))
+    assert reservation.reservation_id is not None
+    for namespace, descriptors in (("ns", [{"user": "bob"}]), ("other", [{"user": "ann"}]), ("ns", [])):
+        with pytest.raises(InvalidRequest, match="reserved for another namespace or other descriptors") as error:
+            run(engine.commit(namespace, descriptors, reservation.reservation_id, 5))
+        assert error.value.field == "reservation_id"
+    # Nothing was released or charged by the refused commits: ann's hold is intact, bob has nothing.
+    [ann] = run(engine.get_counters("ns"))
+    assert (ann.value, ann.reserved) == (0, 30)
+    committed = run(engine.commit("ns", [{"user": "ann"}], reservation.reservation_id, 5))
+    assert committed.reservation_held and [(s.value, s.reserved) for s in committed.counters] == [(5, 0)]
