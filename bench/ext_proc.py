@@ -31,7 +31,14 @@ import yaml
 
 from bench.report import machine_facts, write_results
 from ratelimit.tools.processes import free_ports, running
-from tests.envoy_fixtures import ADMIN, ENVOY, LISTENER, RATELIMIT, UPSTREAM, bootstrap  # the examples' port mapping
+from tests.envoy_fixtures import (  # the examples' port mapping
+    ADMIN,
+    ENVOY,
+    LISTENER,
+    RATELIMIT,
+    UPSTREAM,
+    bootstrap,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = REPO / "bench" / "results" / "ext_proc.json"

@@ -327,3 +327,43 @@ def test_the_lua_route_charges_streams_the_sdk_closes_right_after_done(
     for user in users:
         wait_until(lambda user=user: _value(service, user) == 7, timeout=20, what=f"{user}'s 7 tokens")
 
+
+
+def _metric(service: ServiceProcess, name: str, labels: str) -> float:
+    for line in service.http.get("/metrics").text.splitlines():
+        if line.startswith(f"{name}{{") and all(part in line for part in labels.split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_an_upstream_error_releases_the_reservation_and_charges_nothing(
+    service: ServiceProcess, proxies: dict[str, Envoy]
+) -> None:
+    user = "mix-x-error"
+    with httpx.Client(base_url=proxies[EXT_PROC].url, timeout=30) as client:
+        # The upstream refuses a chat request without messages (400).
+        refused = client.post("/v1/chat/completions", headers={"x-user-id": user},
+                              json={"model": MODEL, "max_tokens": 10, "messages": []})
+        assert refused.status_code == 400
+        ok = client.post("/v1/chat/completions", headers={"x-user-id": user},
+                         json={"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]})
+        assert ok.status_code == 200
+    wait_until(lambda: _value(service, user) == 11 and _settled(service, user), timeout=20,
+               what="only the successful call's 11 tokens")
+
+
+def test_a_response_without_usage_passes_untouched_and_is_charged_its_estimate(
+    service: ServiceProcess, proxies: dict[str, Envoy]
+) -> None:
+    user = "mix-x-speech"
+    before = _metric(service, "token_meter_estimated_charges_total", 'reason="not_openai"')
+    with httpx.Client(base_url=proxies[EXT_PROC].url, timeout=30) as client:
+        audio = client.post("/v1/audio/speech", headers={"x-user-id": user},
+                            json={"model": "tts", "input": "hello", "voice": "alloy"})
+    assert audio.status_code == 200 and audio.headers["content-type"] == "audio/mpeg"
+    assert audio.content == b"ID3" + bytes(253)
+    # No max tokens: ceil(5 bytes / 4) for the input + the default 256 completion tokens.
+    estimate = ESTIMATE.reservation(math.ceil(5 / ESTIMATE.bytes_per_token), None)
+    wait_until(lambda: _value(service, user) == estimate and _settled(service, user), timeout=20,
+               what=f"the estimate of {estimate} tokens")
+    assert _metric(service, "token_meter_estimated_charges_total", 'reason="not_openai"') == before + 1

@@ -7,7 +7,8 @@
 `max_completion_tokens` (or `max_tokens`, default 16), and the reply has that many words. With
 `"stream": true` it answers server-sent events, one chunk per word, and, as OpenAI does only when
 `stream_options.include_usage` is true, a last chunk carrying `usage` before `data: [DONE]`.
-`GET /v1/models` lists the one model.
+`GET /v1/models` lists the one model; `POST /v1/audio/speech` answers audio bytes, a response without
+`usage`.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MODEL = "qwen3-8b"
@@ -117,6 +118,12 @@ def create_app(model: str = DEFAULT_MODEL) -> FastAPI:
             }],
             "usage": usage,
         })
+
+    @app.post("/v1/audio/speech", response_model=None)
+    async def speech(request: Request) -> Response:
+        """A response without token usage (audio bytes), as a non-chat endpoint answers."""
+        await request.body()
+        return Response(b"ID3" + bytes(253), media_type="audio/mpeg")
 
     return app
 
