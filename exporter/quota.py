@@ -1,4 +1,4 @@
-"""Quota gauges: limit, used, remaining and seconds to reset per counter (Limitador issue 447).
+"""Quota gauges: limit, used, remaining, used / limit and seconds to reset per counter (Limitador issue 447).
 
 A counter exists per (limit, variable values), i.e. per user and subscription window, so one
 series per counter can run into the hundreds of thousands. Only the `top_n` counters by use get
