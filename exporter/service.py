@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,10 +14,22 @@ from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics
 
 
+LISTING_PAGE = 2_000
+"""Counters read per storage call during a scrape; the event loop (decisions) runs between pages."""
+
+
 def engine_counters(engine: RateLimiter) -> ReadCounters:
     async def read_counters() -> Sequence[CounterStatus]:
-        # One call for all limits: the storage reads its table (or Redis index) once.
-        return await engine.storage.get_counters(engine.all_limits())
+        limits = engine.all_limits()
+        statuses: list[CounterStatus] = []
+        cursor: str | None = None
+        while True:
+            page = await engine.storage.get_counters_page(limits, cursor, LISTING_PAGE)
+            statuses.extend(page.counters)
+            cursor = page.next_cursor
+            if cursor is None:
+                return statuses
+            await asyncio.sleep(0)
 
     return read_counters
 

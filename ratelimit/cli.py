@@ -26,6 +26,7 @@ from exporter.catalog import CatalogError
 from ratelimit.limits import LimitsError, dump_limits, load_limits_file
 from ratelimit.metrics import MetricLabelsError
 from ratelimit.server.app import RATE_LIMIT_HEADER_MODES, STORAGES, ServiceConfig, ServerError, run_service
+from ratelimit.server.guards import DEFAULT_HEADER_TIMEOUT
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL
 from ratelimit.storage.redis import DEFAULT_TIMEOUT
 from ratelimit.storage.redis_cached import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_PERIOD, DEFAULT_MAX_CACHED
@@ -55,6 +56,8 @@ environment variables (the command line overrides them):
   LIMIT_NAME_IN_PROMETHEUS_LABELS=1    -l/--limit-name-in-labels
   RATELIMIT_API_TOKEN                  --api-token (prefer the variable: arguments show in `ps`)
   RATELIMIT_RELOAD_INTERVAL            --reload-interval
+  RATELIMIT_HTTP_MAX_CONNECTIONS       --http-max-connections
+  RATELIMIT_HTTP_HEADER_TIMEOUT        --http-header-timeout
 """
 
 
@@ -215,6 +218,13 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     serve.add_argument("--reload-interval", metavar="SECONDS", type=_argument_type(_positive_float),
                        help=f"how often the limits file is checked (env RATELIMIT_RELOAD_INTERVAL; "
                             f"default {DEFAULT_INTERVAL:g})")
+    serve.add_argument("--http-max-connections", metavar="N", type=_argument_type(_positive_int),
+                       help="open HTTP connections allowed; at the cap the longest-idle one is closed "
+                            "(env RATELIMIT_HTTP_MAX_CONNECTIONS; default: what the open-file limit leaves, "
+                            "at most 10000)")
+    serve.add_argument("--http-header-timeout", metavar="SECONDS", type=_argument_type(_positive_float),
+                       help="seconds a client may take to send a request head, then 408 "
+                            f"(env RATELIMIT_HTTP_HEADER_TIMEOUT; default {DEFAULT_HEADER_TIMEOUT:g})")
     serve.add_argument("-v", dest="verbosity", action="count", default=0,
                        help="more logging: -v warnings, -vv info, -vvv debug, -vvvv trace")
     serve.add_argument("--validate", action="store_true",
@@ -318,6 +328,10 @@ def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Valida
         ext_proc_config=args.ext_proc_config,
         log_level=LOG_LEVELS[min(args.verbosity, len(LOG_LEVELS) - 1)],
         reload_interval=setting(args.reload_interval, "RATELIMIT_RELOAD_INTERVAL", _positive_float, DEFAULT_INTERVAL),
+        http_max_connections=setting(args.http_max_connections, "RATELIMIT_HTTP_MAX_CONNECTIONS", _positive_int, None),
+        http_header_timeout=setting(
+            args.http_header_timeout, "RATELIMIT_HTTP_HEADER_TIMEOUT", _positive_float, DEFAULT_HEADER_TIMEOUT
+        ),
     )
     return Serve(config, used_default)
 

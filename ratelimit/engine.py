@@ -17,7 +17,7 @@ import numpy as np
 
 from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit
-from ratelimit.storage.base import CounterSet, Storage
+from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
 
 # Input bounds: a request beyond these is a mistake or an attack, never a real gateway call.
 MAX_NAMESPACE_LENGTH = 4096
@@ -28,9 +28,14 @@ MAX_VALUE_LENGTH = 4096
 MAX_DELTA = 2**32 - 1  # Envoy's request-level hits_addend is a uint32; tokens per request fit easily
 MAX_RESERVATION_TTL = 24 * 3600.0
 
-# Distinct descriptor sets whose applicable counters are remembered (the older half is forgotten
-# when full; all on reload). A remembered set costs a few hundred bytes.
-_MEMO_SIZE = 1 << 17
+# The memo of resolved descriptor sets is bounded in bytes, not entries: a descriptor set can be a
+# few bytes or megabytes (64 descriptors of 64 entries of 4 KiB values), and every distinct one is
+# remembered. When the estimate passes MEMO_BYTES the older half is forgotten (all on reload). A set
+# larger than MEMO_ENTRY_BYTES is resolved on every request instead: no real gateway call is that
+# large, and remembering a few of them would take the whole budget.
+MEMO_BYTES = 64 * 1024 * 1024
+MEMO_ENTRY_BYTES = 64 * 1024
+_MEMO_ENTRY_OVERHEAD = 400  # the dict slot, key tuples and CounterSet; each entry adds ~160 (two str headers, a pair)
 
 Descriptors = Sequence[Mapping[str, str]]
 
@@ -42,6 +47,13 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
         self.message = message
+
+
+class InvalidCursor(InvalidRequest):
+    """A listing cursor the storage did not hand out, or no longer understands."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("cursor", message)
 
 
 @dataclass(slots=True)
@@ -76,7 +88,8 @@ class RateLimiter:
     def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
         self.storage = storage
         self._limits_by_namespace: dict[str, tuple[Limit, ...]] = {}
-        self._memo: dict[tuple, CounterSet] = {}
+        self._memo: dict[tuple, tuple[CounterSet, int]] = {}
+        self._memo_bytes = 0
         self.configure_with(limits)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -90,6 +103,7 @@ class RateLimiter:
         self.storage.configure(flat)
         self._limits_by_namespace = {ns: tuple(group.values()) for ns, group in by_namespace.items()}
         self._memo = {}
+        self._memo_bytes = 0
 
     @property
     def namespaces(self) -> list[str]:
@@ -116,20 +130,26 @@ class RateLimiter:
             _validate_descriptors(descriptors)
             raise InvalidRequest("descriptors", "must be a list of maps of string to string") from None
         if found is None:
-            found = self._memoize(key, namespace, descriptors)
-        return found
+            return self._memoize(key, namespace, descriptors)
+        return found[0]
 
     def _memoize(self, key: tuple, namespace: str, descriptors: Descriptors) -> CounterSet:
         if not isinstance(namespace, str) or len(namespace) > MAX_NAMESPACE_LENGTH:
             raise InvalidRequest("namespace", f"must be a string of at most {MAX_NAMESPACE_LENGTH} characters")
         _validate_descriptors(descriptors)
         found = CounterSet(self._resolve(namespace, descriptors))
-        if len(self._memo) >= _MEMO_SIZE:
+        size = _MEMO_ENTRY_OVERHEAD + len(namespace) + sum(
+            len(k) + len(v) + 160 for entries in descriptors for k, v in entries.items()
+        )
+        if size > MEMO_ENTRY_BYTES:
+            return found
+        if self._memo_bytes + size > MEMO_BYTES:
             # Dicts keep insertion order: forget the older half rather than everything at once, so a
-            # working set just over the size does not miss on every request.
-            for old_key in list(itertools.islice(self._memo, _MEMO_SIZE // 2)):
-                del self._memo[old_key]
-        self._memo[key] = found
+            # working set just over the budget does not miss on every request.
+            for old_key in list(itertools.islice(self._memo, len(self._memo) // 2 + 1)):
+                self._memo_bytes -= self._memo.pop(old_key)[1]
+        self._memo[key] = (found, size)
+        self._memo_bytes += size
         return found
 
     def _resolve(self, namespace: str, descriptors: Descriptors) -> tuple[Counter, ...]:
@@ -219,6 +239,17 @@ class RateLimiter:
 
     async def get_counters(self, namespace: str) -> list[CounterStatus]:
         return await self.storage.get_counters(self.get_limits(namespace))
+
+    async def get_counters_page(
+        self, namespace: str, cursor: str | None, max_counters: int, match: CounterFilter | None = None
+    ) -> CounterPage:
+        """One page of the namespace's live counters (see Storage.get_counters_page)."""
+        try:
+            return await self.storage.get_counters_page(self.get_limits(namespace), cursor, max_counters, match)
+        except InvalidRequest:
+            raise
+        except ValueError as error:  # a cursor the storage did not hand out
+            raise InvalidCursor(str(error)) from None
 
 
 _DIGEST_SEPARATOR = "~"

@@ -11,7 +11,7 @@ append `_total` themselves (an OpenTelemetry receiver) are matched by `total_suf
 Labels: `limitador_namespace`, then the custom labels of Limitador's `-L` file (label -> CEL over
 `descriptors`), then `limit_name` with `-l`. Label values come from requests, so every family keeps
 at most `MAX_SERIES` label sets; later ones are folded into one `OVERFLOW_LABEL` series instead of
-growing without bound.
+growing without bound, and a value longer than `MAX_LABEL_VALUE_LENGTH` is shown as `TOO_LONG_LABEL`.
 
 `datastore_latency` (a histogram, seconds) is timed by `TimedStorage`, a decorator around the
 engine's storage built here rather than in `ratelimit.storage`, so the core never imports metrics.
@@ -41,6 +41,10 @@ NAMESPACE_LABEL = "limitador_namespace"
 LIMIT_NAME_LABEL = "limit_name"
 MAX_SERIES = 10_000
 OVERFLOW_LABEL = "__overflow__"
+MAX_LABEL_VALUE_LENGTH = 512
+"""Longer label values (they come from requests) are replaced by TOO_LONG_LABEL: 10,000 series of
+4 KiB values would hold 40 MiB per family and make every scrape megabytes long."""
+TOO_LONG_LABEL = "__too_long__"
 # Seconds. A Redis decision (one Lua script) takes ~0.1-2 ms on a LAN; the upper buckets catch a
 # slow or unreachable Redis up to and past the default --response-timeout.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -105,9 +109,10 @@ class _CounterFamily:
             label_values = (OVERFLOW_LABEL,) * len(label_values)
         self.values[label_values] = self.values.get(label_values, 0) + amount
 
-    def snapshot(self) -> Metric:
+    def snapshot(self, values: Mapping[tuple[str, ...], int]) -> Metric:
+        """The family as a Metric, from a copy of `values` (formatting runs outside the lock)."""
         metric = Metric(self.name, self.documentation, "counter")
-        for label_values, value in self.values.items():
+        for label_values, value in values.items():
             # An empty value is how Prometheus spells "no such label": leave it out, as Limitador
             # drops a custom label whose CEL does not resolve.
             labels = {name: value for name, value in zip(self.label_names, label_values) if value != ""}
@@ -186,13 +191,13 @@ class Metrics:
 
     def _labels(self, namespace: str, descriptors: Descriptors, limit_name: str) -> tuple[str, ...]:
         """Label values in the families' label order: namespace, custom labels, limit name."""
-        values = [namespace]
+        values = [namespace if len(namespace) <= MAX_LABEL_VALUE_LENGTH else TOO_LONG_LABEL]
         for expression in self.custom_labels.values():
             try:
                 value = expression.evaluate(descriptors, _NO_LIMIT)
             except Exception:  # noqa: BLE001 - a label must never fail the call it describes
                 value = None
-            values.append(value or "")
+            values.append(TOO_LONG_LABEL if value and len(value) > MAX_LABEL_VALUE_LENGTH else value or "")
         if self.limit_name_in_labels:
             values.append(limit_name)
         return tuple(values)
@@ -204,8 +209,10 @@ class Metrics:
         return [Metric(family.name, family.documentation, "counter") for family in self._families]
 
     def collect(self) -> list[Metric]:
+        # Copying the dicts is all the lock covers: decisions record under it.
         with self._lock:
-            return [family.snapshot() for family in self._families]
+            copies = [dict(family.values) for family in self._families]
+        return [family.snapshot(values) for family, values in zip(self._families, copies)]
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text format (0.0.4) and its content type."""

@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from ratelimit.engine import RateLimiter
-from ratelimit.limits import LimitsError
+from ratelimit.limits import Limit, LimitsError
 from ratelimit.server.state import ConfigStatus
-from ratelimit.sources.limits_file import LimitsFileWatcher
+from ratelimit.sources.limits_file import LimitsFileWatcher, load_limits_file_contents
 from ratelimit.storage.memory import MemoryStorage
 from tests.conftest import ServiceProcess, wait_until
 
@@ -286,6 +287,91 @@ def test_half_written_file_is_not_applied(limits_dir: Path) -> None:
     assert max_values(harness.engine) == [3000]
     assert harness.status.config_version == 2
     assert harness.status.config_err_since == 0
+
+
+def test_empty_file_is_never_applied(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 0-byte file that stays 0 bytes (a stalled writer, a full disk) keeps the old limits and
+    counters; it is reported in the status and logged once as a probable partial write."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    harness = Harness(path)
+    asyncio.run(harness.engine.report(NAMESPACE, USER, 120))
+    path.write_text("")
+    with caplog.at_level(logging.ERROR, logger="ratelimit.sources.limits_file"):
+        for _ in range(5):
+            harness.settle()
+    assert max_values(harness.engine) == [300]
+    assert harness.status.config_version == 1 and harness.status.config_err_since == 1
+    assert harness.status.last_error is not None and "partial write" in harness.status.last_error
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "0 bytes" in caplog.records[0].message
+    [counter] = asyncio.run(harness.engine.get_counters(NAMESPACE))
+    assert counter.value == 120
+    path.write_text(limits_yaml(300))  # the writer finishes: same limits, counters kept
+    harness.settle()
+    assert harness.status.last_error is None
+    [counter] = asyncio.run(harness.engine.get_counters(NAMESPACE))
+    assert counter.value == 120
+
+
+def test_empty_file_refused_at_startup(limits_dir: Path) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text("")
+    with pytest.raises(LimitsError, match="empty"):
+        Harness(path)
+
+
+@pytest.mark.parametrize("text", ["[]\n", "# every limit is gone\n# for now\n"])
+def test_explicit_no_limits_is_applied_with_a_warning(
+    limits_dir: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300) + limits_yaml(100, seconds=60, name="burst"))
+    harness = Harness(path)
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="ratelimit.sources.limits_file"):
+        harness.settle()
+    assert max_values(harness.engine) == []
+    assert harness.status.config_version == 2
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "removed all 2 limits" in warning.message
+
+
+def test_reload_is_parsed_off_the_event_loop(limits_dir: Path) -> None:
+    """The watcher task reads and parses in a thread (seconds for thousands of limits); only the
+    apply runs on the loop, so decisions go on meanwhile."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    parsed_in: list[threading.Thread] = []
+
+    def loader(files: Mapping[str, bytes]) -> list[Limit]:
+        parsed_in.append(threading.current_thread())
+        return load_limits_file_contents(files)
+
+    engine = RateLimiter(MemoryStorage(capacity=1024))
+    status = ConfigStatus(source=str(path))
+    watcher = LimitsFileWatcher(path, engine, status, interval=POLL, loader=loader)
+    watcher.load()
+    many = "".join(
+        limits_yaml(300 + i, name=f"limit-{i}").replace(
+            "conditions: []", f"conditions: [\"descriptors[0]['n'] == '{i}'\"]"
+        )
+        for i in range(2000)
+    )
+
+    async def scenario() -> None:
+        watcher.start()
+        write_atomically(path, many)
+        deadline = time.monotonic() + 60
+        while status.config_version < 2:
+            assert time.monotonic() < deadline, f"not applied: {status}"
+            await asyncio.sleep(POLL)
+        await watcher.stop()
+
+    asyncio.run(scenario())
+    assert len(engine.get_limits(NAMESPACE)) == 2000
+    assert parsed_in[0] is threading.main_thread()  # the startup load
+    assert parsed_in[-1] is not threading.main_thread()
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------

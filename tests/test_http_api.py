@@ -405,11 +405,67 @@ async def test_a_full_storage_is_a_503_not_a_500() -> None:
     assert "full" in response.json()["error"]
 
 
+async def test_counters_page_with_a_cursor_and_filter_by_variable(client: Client) -> None:
+    users = [f"user-{i:02d}" for i in range(25)]
+    for user in users:
+        assert await post_status(client, "/check_and_report", tokens(user, 10)) == 200
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 10, **({"cursor": cursor} if cursor else {})}
+        response = await client.get(f"/counters/{NS_ENCODED}", params=params)
+        assert response.status_code == 200
+        page = response.json()
+        assert len(page) <= 10
+        seen.extend(c["set_variables"]["descriptors[0]['user']"] for c in page)
+        pages += 1
+        cursor = response.headers.get("x-next-cursor")
+        if cursor is None:
+            break
+    assert sorted(seen) == users and pages == 3
+
+    alice = await client.get(f"/counters/{NS_ENCODED}", params={"variable": "user:user-07"})
+    assert [c["set_variables"] for c in alice.json()] == [{"descriptors[0]['user']": "user-07"}]
+    assert "x-next-cursor" not in alice.headers
+    by_source = await client.get(
+        f"/counters/{NS_ENCODED}", params={"variable": "descriptors[0]['user']:user-08"}
+    )
+    assert len(by_source.json()) == 1
+    nobody = await client.get(f"/counters/{NS_ENCODED}", params={"variable": ["user:user-07", "user:user-08"]})
+    assert nobody.json() == []
+
+
+async def test_an_unpaged_counters_call_is_capped(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call without `limit` returns at most MAX_COUNTERS_PER_CALL counters and a cursor to the rest."""
+    import ratelimit.server.http as http_module
+
+    monkeypatch.setattr(http_module, "MAX_COUNTERS_PER_CALL", 4)  # read when the app is built
+    monkeypatch.setattr(http_module, "PAGE_CHUNK", 3)
+    service = make_service()
+    async with http_client(service) as capped:
+        for i in range(6):
+            assert await post_status(capped, "/check_and_report", tokens(f"u{i}", 1)) == 200
+        first = await capped.get(f"/counters/{NS_ENCODED}")
+        assert len(first.json()) == 4
+        rest = await capped.get(f"/counters/{NS_ENCODED}", params={"cursor": first.headers["x-next-cursor"]})
+        assert len(rest.json()) == 2 and "x-next-cursor" not in rest.headers
+
+
+async def test_counters_refuses_a_bad_filter_or_cursor(client: Client) -> None:
+    bad_filter = await client.get(f"/counters/{NS_ENCODED}", params={"variable": "no-colon"})
+    assert bad_filter.status_code == 422
+    typo = await client.get(f"/counters/{NS_ENCODED}", params={"limt": "10"})
+    assert typo.status_code == 422 and typo.json()["detail"][0]["loc"] == ["query", "limt"]
+    bad_cursor = await client.get(f"/counters/{NS_ENCODED}", params={"cursor": "not-a-cursor"})
+    assert bad_cursor.status_code == 409 and bad_cursor.json()["field"] == "cursor"
+
+
 async def test_a_failing_storage_on_counters_is_a_503(client: Client, service: Service) -> None:
     async def unreachable(*args: Any) -> None:
         raise StorageError("redis is unreachable")
 
-    service.engine.get_counters = unreachable  # type: ignore[method-assign]
+    service.engine.get_counters_page = unreachable  # type: ignore[method-assign]
 
     response = await client.get(f"/counters/{NS_ENCODED}")
 

@@ -21,6 +21,9 @@ from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics, TimedStorage, load_custom_labels
 from ratelimit.server.ext_proc import MeterConfigError, load_meter_config
 from ratelimit.server.grpc import GrpcServer
+from ratelimit.server.guards import (
+    DEFAULT_HEADER_TIMEOUT, MAX_REQUEST_HEAD_BYTES, default_max_connections, guarded_http_protocol, raise_file_limit,
+)
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, load_limits_file_contents
@@ -88,6 +91,10 @@ class ServiceConfig:
     log_level: str = "error"
     """A uvicorn log level name: critical, error, warning, info, debug or trace."""
     reload_interval: float = DEFAULT_INTERVAL
+    http_max_connections: int | None = None
+    """Open HTTP connections allowed; None: what the open-file limit leaves (at most 10,000)."""
+    http_header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    """Seconds a client may take to send a request head."""
 
 
 class ServerError(RuntimeError):
@@ -118,10 +125,15 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class HttpServer:
     name = "HTTP API"
 
-    def __init__(self, app: FastAPI, host: str, port: int, log_level: str) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, log_level: str, max_connections: int,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+    ) -> None:
         self.address = f"{host}:{port}"
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            http=guarded_http_protocol(max_connections, header_timeout),
+            h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         )
         self._server = _EmbeddedUvicorn(config)
 
@@ -201,8 +213,12 @@ def build_servers(service: Service, config: ServiceConfig) -> list[ManagedServer
         meter_config = load_meter_config(config.ext_proc_config)
     except MeterConfigError as error:
         raise ServerError(f"cannot start the ext_proc token meter: {error}") from None
+    max_connections = config.http_max_connections or default_max_connections(raise_file_limit())
     servers: list[ManagedServer] = [
-        HttpServer(create_http_app(service), config.http_ip, config.http_port, config.log_level),
+        HttpServer(
+            create_http_app(service), config.http_ip, config.http_port, config.log_level, max_connections,
+            config.http_header_timeout,
+        ),
         GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS,
                    meter_config=meter_config),
     ]

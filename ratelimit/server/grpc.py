@@ -35,9 +35,30 @@ ENVOY_SERVICE = rls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_nam
 KUADRANT_SERVICE = kuadrantrls_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name
 RATE_LIMIT_SERVICES = (ENVOY_SERVICE, KUADRANT_SERVICE)
 
-# grpc sets SO_REUSEPORT by default: a second service on a taken port would then share it silently
-# instead of failing to start.
-_SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest request accepted (gRPC's default, made explicit); larger ones get RESOURCE_EXHAUSTED
+before they are decoded. An Envoy RLS request is usually well under 1 KiB."""
+MAX_CONCURRENT_STREAMS = 256
+"""Calls in flight per connection; further calls wait in the client. Envoy opens a few connections."""
+
+_SERVER_OPTIONS = [
+    # grpc sets SO_REUSEPORT by default: a second service on a taken port would then share it
+    # silently instead of failing to start.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_metadata_size", 16 * 1024),
+    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
+    # Keepalive: ping idle connections every 60 s and drop ones that do not answer within 20 s, so
+    # vanished clients do not hold connections; refuse clients that ping more often than every 10 s
+    # (a ping flood) by closing their connection (GOAWAY) after 2 strikes.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # A connection nobody uses for 10 minutes is closed (clients reconnect transparently).
+    ("grpc.max_connection_idle_ms", 600_000),
+]
 
 RequestT = TypeVar("RequestT", bound=Message)
 ResponseT = TypeVar("ResponseT", bound=Message)

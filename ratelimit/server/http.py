@@ -9,12 +9,14 @@ so the document can be trusted by clients and checked by schemathesis (tests/tes
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -22,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ratelimit.counters import StorageError
+from ratelimit.counters import Counter, StorageError
 from ratelimit.engine import (
     MAX_DELTA,
     MAX_ENTRIES,
@@ -30,9 +32,11 @@ from ratelimit.engine import (
     MAX_RESERVATION_TTL,
     MAX_VALUE_LENGTH,
     Decision,
+    InvalidCursor,
     InvalidRequest,
 )
 from ratelimit.server.state import Service
+from ratelimit.storage.base import CounterFilter
 
 # The largest legitimate body: 64 entries of 256 + 4096 characters, each possibly a 6-byte JSON
 # escape, is under 2 MiB. Anything bigger is refused before it is read into memory.
@@ -210,6 +214,67 @@ _UNAUTHORIZED = {
 }
 
 
+# -- counter listing -------------------------------------------------------------------------------
+
+MAX_COUNTERS_PER_CALL = 10_000
+"""What one /counters call returns at most, paged or not; the rest is reached with the cursor."""
+PAGE_CHUNK = 1_000
+"""Counters asked of the storage at a time while one call collects its answer."""
+NEXT_CURSOR_HEADER = "X-Next-Cursor"
+_COUNTERS_PARAMETERS = frozenset({"limit", "cursor", "variable"})
+
+_LIMIT_DOC = f"Most counters to return (1 to {MAX_COUNTERS_PER_CALL}, also the default)."
+_CURSOR_DOC = f"Where to go on: the `{NEXT_CURSOR_HEADER}` header of the previous answer."
+_VARIABLE_DOC = (
+    "`name:value` (split at the first colon): only counters whose variable `name` has this value. "
+    "`name` is a descriptor key (`auth.identity.userid` for `descriptors[0]['auth.identity.userid']`) "
+    "or the variable's CEL text. Repeat for several; all must hold."
+)
+VariableFilter = Annotated[
+    str, Field(pattern=r"^[^:]+:[\s\S]*$", max_length=MAX_KEY_LENGTH + MAX_VALUE_LENGTH + 1), AfterValidator(_utf8)
+]
+_NEXT_CURSOR_HEADER = {
+    NEXT_CURSOR_HEADER: {
+        "description": "Present when more counters follow: pass it as `cursor` for the next page.",
+        "schema": _STRING,
+    }
+}
+_DESCRIPTOR_KEY = re.compile(r"""^descriptors\[\d+\](?:\[(['"])(.*)\1\]|\.([A-Za-z_][A-Za-z0-9_]*))$""", re.S)
+
+
+def _variable_names(source: str) -> set[str]:
+    """The names a filter may call a limit variable by: its CEL text, and the descriptor key it reads."""
+    text = "".join(source.split()) if source.startswith("descriptors") else source
+    found = _DESCRIPTOR_KEY.match(text)
+    if found is None:
+        return {source}
+    return {source, found.group(2) if found.group(2) is not None else found.group(3)}
+
+
+def _variable_filter(filters: list[str]) -> CounterFilter | None:
+    if not filters:
+        return None
+    wanted: list[tuple[str, str]] = []
+    for item in filters:
+        name, colon, value = item.partition(":")
+        if not colon or not name:
+            raise InvalidRequest("variable", f"expected name:value, got {item[:100]!r}")
+        wanted.append((name, value))
+    names_of: dict[str, set[str]] = {}
+
+    def match(counter: Counter) -> bool:
+        resolved: dict[str, str] = {}
+        for source, value in zip(counter.limit.variables, counter.values):
+            names = names_of.get(source)
+            if names is None:
+                names = names_of[source] = _variable_names(source)
+            for name in names:
+                resolved[name] = value
+        return all(resolved.get(name) == value for name, value in wanted)
+
+    return match
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -347,7 +412,8 @@ def create_http_app(service: Service) -> FastAPI:
     )
     async def metrics() -> Response:
         await service.metrics.refresh()
-        body, content_type = service.metrics.render()
+        # Formatting tens of thousands of series takes a while: in a thread, off the event loop.
+        body, content_type = await asyncio.to_thread(service.metrics.render)
         return Response(body, media_type=content_type)
 
     # An encoded %2F arrives decoded, so the namespace parameter must match "/" (see _NamespaceConvertor).
@@ -356,10 +422,48 @@ def create_http_app(service: Service) -> FastAPI:
         return [limit.to_dict() for limit in engine.get_limits(namespace)]
 
     @guarded.get(
-        "/counters/{namespace:namespace}", response_model=list[CounterBody], responses=_UNAVAILABLE, tags=["limits"]
+        "/counters/{namespace:namespace}",
+        response_model=list[CounterBody],
+        responses={
+            200: {"description": "Live counters", "headers": _NEXT_CURSOR_HEADER},
+            **_INVALID,
+            409: _json("The cursor is not one this listing handed out (or no longer valid): start again", ErrorBody),
+            **_UNAVAILABLE,
+        },
+        tags=["limits"],
+        summary=f"Live counters, at most `limit` (default and most {MAX_COUNTERS_PER_CALL}) per call.",
     )
-    async def counters(namespace: str) -> list[dict[str, Any]]:
-        return [counter.to_dict() for counter in await engine.get_counters(namespace)]
+    async def counters(
+        request: Request,
+        namespace: str,
+        limit: Annotated[int, Query(ge=1, le=MAX_COUNTERS_PER_CALL, description=_LIMIT_DOC)] = MAX_COUNTERS_PER_CALL,
+        cursor: Annotated[Text | None, Query(min_length=1, max_length=256, description=_CURSOR_DOC)] = None,
+        variable: Annotated[
+            list[VariableFilter], Query(max_length=MAX_ENTRIES, description=_VARIABLE_DOC)
+        ] = [],  # noqa: B006 - FastAPI copies defaults
+    ) -> Response:
+        unknown = sorted(set(request.query_params) - _COUNTERS_PARAMETERS)
+        if unknown:  # `?limt=10` silently ignored would return far more than asked
+            raise RequestValidationError(
+                [{"loc": ["query", name], "msg": "unknown query parameter", "type": "extra_forbidden"} for name in unknown]
+            )
+        match = _variable_filter(variable)
+        listed: list[dict[str, Any]] = []
+        while True:
+            # Pages of a bounded size, the loop free in between: a walk over many counters never
+            # holds the storage (or the event loop) for long.
+            try:
+                page = await engine.get_counters_page(namespace, cursor, min(PAGE_CHUNK, limit - len(listed)), match)
+            except InvalidCursor as error:
+                return _error(409, error.message, "cursor")
+            listed.extend(counter.to_dict() for counter in page.counters)
+            cursor = page.next_cursor
+            if cursor is None or len(listed) >= limit:
+                break
+            await asyncio.sleep(0)
+        body = await asyncio.to_thread(json.dumps, listed, ensure_ascii=False, separators=(",", ":"))
+        headers = {NEXT_CURSOR_HEADER: cursor} if cursor is not None else None
+        return Response(body.encode("utf-8"), media_type="application/json", headers=headers)
 
     post_errors = {**_INVALID, **_TOO_LARGE, **_UNAVAILABLE}
 

@@ -144,25 +144,42 @@ class LimitsFileWatcher:
         and is recorded in the status (once per distinct content) and logged with the LimitsError's
         file / line / field.
         """
+        return self._conclude(self._examine())
+
+    async def poll_off_loop(self) -> bool:
+        """`poll`, with the reading, parsing and validating (seconds for thousands of limits) in a
+        thread, so the event loop keeps deciding; only applying the result runs on the loop."""
+        return self._conclude(await asyncio.to_thread(self._examine))
+
+    def _examine(self) -> _Outcome:
+        """Everything but applying: stat, and when due, read and parse. Touches only the watcher's
+        own fingerprint state, never the engine, so it may run in a thread."""
         fingerprint = self._stat()
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
             self._settling = True
-            return False
+            return None
         settled, self._settling = self._settling, False
         if not (settled or self._is_racy(fingerprint)):
-            return False
+            return None
         if isinstance(fingerprint, _Missing):
-            return self._reject(_MISSING_DIGEST, LimitsError(self.path, fingerprint.reason))
+            return _RejectedContent(_MISSING_DIGEST, LimitsError(self.path, fingerprint.reason))
         try:
             digest, limits = self._read()
         except _RejectedContent as rejected:
-            return self._reject(rejected.digest, rejected.error)
+            return rejected
         if digest == self._digest:
             if settled:
                 logger.debug("limits file %s changed on disk, same content: nothing to apply", self.path)
+            return None
+        return digest, limits
+
+    def _conclude(self, outcome: _Outcome) -> bool:
+        if outcome is None:
             return False
-        self._apply(digest, limits)
+        if isinstance(outcome, _RejectedContent):
+            return self._reject(outcome.digest, outcome.error)
+        self._apply(*outcome)
         return True
 
     def _stat(self) -> tuple[_Fingerprint, ...] | _Missing:
@@ -196,15 +213,31 @@ class LimitsFileWatcher:
                 digest.update(f"{path}\0{len(files[path])}\0".encode() + files[path])
         except OSError as exc:
             raise _RejectedContent(_MISSING_DIGEST, LimitsError(self.path, f"cannot read: {exc}")) from None
+        empty = [path for path, data in files.items() if not data]
+        if empty:
+            # Nobody means "no limits" by a 0-byte file (that is `[]`): it is a write caught half-done
+            # (truncated, not yet written) or a full disk. Applying it would drop every limit.
+            raise _RejectedContent(digest.digest(), LimitsError(
+                empty[0], "the file is empty (0 bytes), probably a partial write; write `[]` to remove all limits"
+            ))
         try:
             return digest.digest(), self.loader(files)
         except LimitsError as exc:
             raise _RejectedContent(digest.digest(), exc) from None
 
     def _apply(self, digest: bytes, limits: list[Limit]) -> None:
+        before = len(self.engine.all_limits())
         self.engine.configure_with(limits)
         self._digest = digest
         self.status.applied()
+        if not limits and before:
+            # An explicit `[]` or a file of comments is a legal way to lift every limit, and also what
+            # a botched template renders: say loudly what it did.
+            logger.warning(
+                "limits file %s has no limits: removed all %d limits (config version %d)",
+                self.path, before, self.status.config_version,
+            )
+            return
         logger.info(
             "applied %d limits from %s (config version %d)", len(limits), self.path, self.status.config_version
         )
@@ -225,7 +258,7 @@ class LimitsFileWatcher:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.poll()
+                await self.poll_off_loop()
             except Exception:
                 logger.exception("limits file watcher failed while checking %s", self.path)
 
@@ -253,3 +286,7 @@ class _RejectedContent(Exception):
         super().__init__(str(error))
         self.digest = digest
         self.error = error
+
+
+_Outcome = tuple[bytes, list[Limit]] | _RejectedContent | None
+"""What one look at the file found: content to apply (hash, limits), content to reject, or nothing new."""

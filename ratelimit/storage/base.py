@@ -7,7 +7,8 @@ decision atomic (one numba kernel call under a lock in memory, one Lua script in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -30,6 +31,19 @@ class CounterSet:
     def __init__(self, counters: tuple[Counter, ...]) -> None:
         self.counters = counters
         self.storage_handle: Any = None
+
+
+CounterFilter = Callable[[Counter], bool]
+"""Which counters a listing keeps (for example: those whose user variable is "alice")."""
+
+
+@dataclass(slots=True)
+class CounterPage:
+    """One page of a counter listing."""
+
+    counters: list[CounterStatus]
+    next_cursor: str | None
+    """Opaque text to pass back for the next page; None when the listing is complete."""
 
 
 class Storage(ABC):
@@ -66,6 +80,29 @@ class Storage(ABC):
     @abstractmethod
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
         """The live counters (current window not expired, or holding a reservation) of these limits."""
+
+    async def get_counters_page(
+        self, limits: Sequence[Limit], cursor: str | None, max_counters: int, match: CounterFilter | None = None
+    ) -> CounterPage:
+        """At most `max_counters` live counters of these limits that `match` keeps, from `cursor` (None:
+        the start). Listing is not a decision: a storage should hold its decision lock (or spend its
+        time) only for a bounded part of its counters per page, so a walk over all pages never stalls
+        decisions. A counter that moves while the walk goes on may be missed or seen twice.
+
+        Raises ValueError("invalid cursor ...") for a cursor it did not hand out. The default lists
+        everything and slices (the cursor is an offset); storages with many counters override it.
+        """
+        try:
+            start = 0 if cursor is None else int(cursor)
+            if start < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"invalid cursor {cursor!r}") from None
+        statuses = await self.get_counters(limits)
+        if match is not None:
+            statuses = [status for status in statuses if match(status.counter)]
+        end = start + max_counters
+        return CounterPage(statuses[start:end], str(end) if end < len(statuses) else None)
 
     async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
         """Decide many requests in order, each as `check_and_update`; returns a bool array, True = limited.
@@ -125,6 +162,11 @@ class StorageWrapper(Storage):
 
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
         return await self.storage.get_counters(limits)
+
+    async def get_counters_page(
+        self, limits: Sequence[Limit], cursor: str | None, max_counters: int, match: CounterFilter | None = None
+    ) -> CounterPage:
+        return await self.storage.get_counters_page(limits, cursor, max_counters, match)
 
     async def close(self) -> None:
         await self.storage.close()
