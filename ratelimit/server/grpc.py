@@ -38,8 +38,9 @@ RATE_LIMIT_SERVICES = (ENVOY_SERVICE, KUADRANT_SERVICE)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 """Largest request accepted (gRPC's default, made explicit); larger ones get RESOURCE_EXHAUSTED
 before they are decoded. An Envoy RLS request is usually well under 1 KiB."""
-MAX_CONCURRENT_STREAMS = 256
-"""Calls in flight per connection; further calls wait in the client. Envoy opens a few connections."""
+MAX_CONCURRENT_STREAMS = 1024
+"""Calls in flight per connection (an ext_proc stream lasts a whole proxied request); further calls wait
+in the client."""
 
 _SERVER_OPTIONS = [
     # grpc sets SO_REUSEPORT by default: a second service on a taken port would then share it
