@@ -75,7 +75,8 @@ class Decision:
         for status in ordered:
             entry = f"{status.limit.max_value};w={status.limit.seconds}"
             if status.limit.name:
-                entry += f';name="{status.limit.name}"'
+                # A '"' would end the quoted string early; Limitador writes it as "'".
+                entry += ';name="{}"'.format(status.limit.name.replace('"', "'"))
             windows.append(entry)
         return {
             "X-RateLimit-Limit": ", ".join([str(tightest.limit.max_value), *windows]),
