@@ -33,6 +33,8 @@ LIMITS = [
     test_limit("test_check_and_report", 1),
     test_limit("test_check_and_report_with_draftversion03_response_headers", 2),
     test_limit("test_check_and_report_endpoints_separately", 1),
+    limit("response_header_names", 2, conditions=(), variables=(), name='the "gold" tier'),
+    limit("response_header_names", 5, seconds=3600, conditions=(), variables=()),
 ]
 
 
@@ -83,6 +85,8 @@ def test_check_and_report(api: Api) -> None:
     assert not {name.lower() for name in RATE_LIMIT_HEADERS} & set(first.headers)
     second = api.call("check_and_report", "test_check_and_report", VALUES)
     assert second.status_code == 429
+    # Limitador's 429 body is JSON null; ours says why (README.md lists the difference).
+    assert second.json() == {"error": "Too Many Requests", "limit_name": None}
 
 
 def test_check_and_report_with_draftversion03_response_headers(api: Api) -> None:
@@ -105,6 +109,16 @@ def test_check_and_report_endpoints_separately(api: Api) -> None:
     report = api.call("report", namespace, VALUES)
     assert (report.status_code, report.json()) == (200, None)
     assert api.check(namespace, VALUES) == 429
+
+
+def test_response_header_names_limits_and_quotes(api: Api) -> None:
+    """`CheckResult::response_header`, limitador/src/lib.rs: the tightest counter first, then
+    every counter's `max;w=seconds`, with `;name="..."` for named limits and a `"` inside the
+    name written as `'`, so the header stays parseable."""
+    answer = api.call("check_and_report", "response_header_names", {}, response_headers="DraftVersion03")
+    assert answer.status_code == 200
+    assert answer.headers["X-RateLimit-Limit"] == "2, 2;w=60;name=\"the 'gold' tier\", 5;w=3600"
+    assert answer.headers["X-RateLimit-Remaining"] == "1"
 
 
 def test_rate_limit_headers_option_is_for_the_rls_only(
