@@ -25,6 +25,9 @@ from tests.conftest import ServiceProcess, wait_until
 GET = {"req_method": "GET", "app_id": "test_app_id"}
 """The descriptor most of Limitador's library tests send."""
 
+# Generous: these modules start a dozen services, on a machine that may be running much else.
+STARTUP_TIMEOUT = 120.0
+
 METHOD_IS_GET = "descriptors[0]['req_method'] == 'GET'"
 APP_ID = "descriptors[0]['app_id']"
 
@@ -51,7 +54,7 @@ def start_on(storage: str, limits_path: Path, request: pytest.FixtureRequest, *a
     if storage != "memory":
         redis_server = request.getfixturevalue("redis_server")
         storage_args = [storage, redis_server.url]
-    return ServiceProcess(limits_path, *args, *storage_args).start()
+    return ServiceProcess(limits_path, *args, *storage_args).start(timeout=STARTUP_TIMEOUT)
 
 
 def storage_of(service: ServiceProcess) -> str:

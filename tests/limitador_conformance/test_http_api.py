@@ -33,6 +33,7 @@ LIMITS = [
     test_limit("test_check_and_report", 1),
     test_limit("test_check_and_report_with_draftversion03_response_headers", 2),
     test_limit("test_check_and_report_endpoints_separately", 1),
+    test_limit("check_with_delta_0", 1),
     limit("response_header_names", 2, conditions=(), variables=(), name='the "gold" tier'),
     limit("response_header_names", 5, seconds=3600, conditions=(), variables=()),
 ]
@@ -40,7 +41,9 @@ LIMITS = [
 
 @pytest.fixture(scope="module")
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    with serving("memory", LIMITS, request, tmp_path_factory) as service:
+    """With `-H DRAFT_VERSION_03`, which (as in Limitador) is for the RLS: every case here shows
+    that the HTTP API adds headers only when a body asks."""
+    with serving("memory", LIMITS, request, tmp_path_factory, "-H", "DRAFT_VERSION_03") as service:
         yield service
 
 
@@ -111,6 +114,17 @@ def test_check_and_report_endpoints_separately(api: Api) -> None:
     assert api.check(namespace, VALUES) == 429
 
 
+def test_check_with_delta_0(api: Api) -> None:
+    """`counter_is_within_limits`, limitador/src/storage/in_memory.rs: Limitador admits when
+    `value + delta <= max_value`, so a check of 0 passes even on a spent counter. Ours counts 0 as
+    1 (as Kuadrant's CheckRateLimit sends 0 to mean "may this caller go on?"): it passes while
+    budget is left and is refused once it is spent (README.md lists the difference)."""
+    assert api.check("check_with_delta_0", VALUES, 0) == 200
+    assert api.report("check_with_delta_0", VALUES, 1) == 200
+    assert api.check("check_with_delta_0", VALUES, 0) == 429
+    assert api.remaining_by("check_with_delta_0", REQ_APP_ID) == {"1": 0}
+
+
 def test_response_header_names_limits_and_quotes(api: Api) -> None:
     """`CheckResult::response_header`, limitador/src/lib.rs: the tightest counter first, then
     every counter's `max;w=seconds`, with `;name="..."` for named limits and a `"` inside the
@@ -121,15 +135,12 @@ def test_response_header_names_limits_and_quotes(api: Api) -> None:
     assert answer.headers["X-RateLimit-Remaining"] == "1"
 
 
-def test_rate_limit_headers_option_is_for_the_rls_only(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def test_rate_limit_headers_option_is_for_the_rls_only(api: Api) -> None:
     """Limitador's `-H DRAFT_VERSION_03` configures the RLS server only (`run_envoy_rls_server`);
-    its HTTP `check_and_report` adds headers only when the body's `response_headers` asks."""
-    with serving("memory", LIMITS, request, tmp_path_factory, "-H", "DRAFT_VERSION_03") as service:
-        api = Api(service)
-        plain = api.call("check_and_report", "test_limits_read", VALUES)
-        assert plain.status_code == 200
-        assert not {name.lower() for name in RATE_LIMIT_HEADERS} & set(plain.headers)
-        asked = api.call("check_and_report", "test_limits_read", VALUES, response_headers="DraftVersion03")
-        assert asked.headers["X-RateLimit-Remaining"] == "8"
+    its HTTP `check_and_report` adds headers only when the body's `response_headers` asks. This
+    module's service runs with `-H DRAFT_VERSION_03`."""
+    plain = api.call("check_and_report", "test_limits_read", VALUES)
+    assert plain.status_code == 200
+    assert not {name.lower() for name in RATE_LIMIT_HEADERS} & set(plain.headers)
+    asked = api.call("check_and_report", "test_limits_read", VALUES, response_headers="DraftVersion03")
+    assert asked.headers["X-RateLimit-Remaining"] == "8"

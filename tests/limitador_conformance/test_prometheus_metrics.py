@@ -36,15 +36,9 @@ LIMITS = [
 
 @pytest.fixture(scope="module")
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    with serving("memory", LIMITS, request, tmp_path_factory) as service:
-        yield service
-
-
-@pytest.fixture(scope="module")
-def labelled_service(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServiceProcess]:
-    """`-l` (limit_name on limited_calls) and an `-L` file with Limitador's test label."""
+    """With `-l` (limit_name on limited_calls) and an `-L` file holding Limitador's test label.
+    Neither changes the series of the cases without them: an unnamed limit's `limit_name` and a
+    label that does not resolve are left out of the series (see the empty-name case)."""
     labels: Path = tmp_path_factory.mktemp("labels") / "labels.yaml"
     labels.write_text("myLabel: \"'user ' + descriptors[1].foobar\"\n")
     with serving("memory", LIMITS, request, tmp_path_factory, "-l", "-L", str(labels)) as service:
@@ -111,44 +105,44 @@ def test_shows_limited_calls_by_namespace(service: ServiceProcess) -> None:
     assert value(service, "authorized_calls", limitador_namespace="limited_calls_by_namespace") in (None, 0)
 
 
-def test_can_show_limited_calls_by_limit_name(labelled_service: ServiceProcess) -> None:
+def test_can_show_limited_calls_by_limit_name(service: ServiceProcess) -> None:
     """`can_show_limited_calls_by_limit_name`, prometheus_metrics.rs: with `-l`, 2 calls refused
     by "Some limit" and 3 by "Another limit", one namespace."""
-    api = Api(labelled_service)
+    api = Api(service)
     for which, calls in (("some", 2), ("another", 3)):
         for _ in range(calls):
             assert api.check_and_report("limited_calls_by_limit_name", {"which": which}) == 429
     namespace = "limited_calls_by_limit_name"
-    assert value(labelled_service, "limited_calls", limitador_namespace=namespace, limit_name="Some limit") == 2
-    assert value(labelled_service, "limited_calls", limitador_namespace=namespace, limit_name="Another limit") == 3
+    assert value(service, "limited_calls", limitador_namespace=namespace, limit_name="Some limit") == 2
+    assert value(service, "limited_calls", limitador_namespace=namespace, limit_name="Another limit") == 3
 
 
-def test_incr_limited_calls_uses_empty_string_when_no_name(labelled_service: ServiceProcess) -> None:
+def test_incr_limited_calls_uses_empty_string_when_no_name(service: ServiceProcess) -> None:
     """`incr_limited_calls_uses_empty_string_when_no_name`, prometheus_metrics.rs: with `-l`, a
     call refused by an unnamed limit is counted with an empty `limit_name`. Limitador prints
     `limit_name=""`; we leave the empty label out, which Prometheus reads as the same series
     (`{limit_name=""}` selects it either way; README.md lists the difference)."""
-    assert Api(labelled_service).check_and_report("limited_calls_empty_name", {}) == 429
+    assert Api(service).check_and_report("limited_calls_empty_name", {}) == 429
     [(labels, count)] = [
-        (labels, count) for labels, count in samples(labelled_service, "limited_calls")
+        (labels, count) for labels, count in samples(service, "limited_calls")
         if labels.get("limitador_namespace") == "limited_calls_empty_name"
     ]
     assert (labels.get("limit_name", ""), count) == ("", 1)
 
 
-def test_incr_limited_calls_uses_custom_labels(labelled_service: ServiceProcess) -> None:
+def test_incr_limited_calls_uses_custom_labels(service: ServiceProcess) -> None:
     """`incr_limited_calls_uses_custom_labels`, prometheus_metrics.rs: the `-L` label
     `myLabel: 'user ' + descriptors[1].foobar` over a request whose second descriptor has
     `foobar: 1` labels the limited call `myLabel="user 1"`. Two descriptors need the RLS: the
     first one is empty, as in Limitador's case."""
-    stub = rls_pb2_grpc.RateLimitServiceStub(labelled_service.grpc)
+    stub = rls_pb2_grpc.RateLimitServiceStub(service.grpc)
     request = RateLimitRequest(domain="limited_calls_custom_labels", descriptors=[
         RateLimitDescriptor(), RateLimitDescriptor(entries=[RateLimitDescriptor.Entry(key="foobar", value="1")]),
     ])
     assert stub.ShouldRateLimit(request).overall_code == RateLimitResponse.OVER_LIMIT
-    assert value(labelled_service, "limited_calls", limitador_namespace="limited_calls_custom_labels",
+    assert value(service, "limited_calls", limitador_namespace="limited_calls_custom_labels",
                  myLabel="user 1") == 1
-    assert 'myLabel="user 1"' in labelled_service.http.get("/metrics").text
+    assert 'myLabel="user 1"' in service.http.get("/metrics").text
 
 
 def test_shows_limitador_up_set_to_1(service: ServiceProcess) -> None:
