@@ -50,7 +50,9 @@ def write_limits(path: Path, limits: list[dict[str, Any]]) -> None:
 
 def start_on(storage: str, limits_path: Path, request: pytest.FixtureRequest, *args: str) -> ServiceProcess:
     """A started service on `storage`: memory, or redis / redis_cached on the module's redis-server."""
-    storage_args: list[str] = []
+    # Limitador's tests build their in-memory limiters with room for 10,000 counters; so do these
+    # (a default 2M-counter table would make the first listing of a fresh service slow).
+    storage_args = ["memory", "-c", "10000"]
     if storage != "memory":
         redis_server = request.getfixturevalue("redis_server")
         storage_args = [storage, redis_server.url]
