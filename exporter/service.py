@@ -14,8 +14,9 @@ from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics
 
 
-LISTING_PAGE = 2_000
-"""Counters read per storage call during a scrape; the event loop (decisions) runs between pages."""
+LISTING_PAGE = 250
+"""Counters read per storage call during a scrape (about a millisecond of work); the event loop
+(decisions) runs between pages."""
 
 
 def engine_counters(engine: RateLimiter) -> ReadCounters:

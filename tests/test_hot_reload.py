@@ -425,3 +425,27 @@ def test_service_hot_reload(reload_service: tuple[Path, ServiceProcess]) -> None
     assert "max_value" in status["config_error"] and f"{path}:2" in status["config_error"]
     assert status["config_version"] == 2
     assert served_max_values() == [3000]
+
+
+def test_service_keeps_limits_and_counters_through_a_truncated_file(
+    reload_service: tuple[Path, ServiceProcess],
+) -> None:
+    """An in-place write that truncates, stalls 2 s, then writes the same limits back: every limit
+    and every counter survive (a spent user stays spent), and the empty file shows in /status."""
+    path, service = reload_service
+    check = {"namespace": NAMESPACE, "values": USER[0], "delta": 100}
+    assert [service.http.post("/check_and_report", json=check).status_code for _ in range(4)] == [200, 200, 200, 429]
+    text = path.read_text()
+    with path.open("w"):
+        pass  # truncated to 0 bytes
+    status = wait_until(lambda: (s := service.status())["config_err_since"] >= 1 and s, what="the empty file reported")
+    assert "partial write" in status["config_error"]
+    time.sleep(2)
+    assert [limit["max_value"] for limit in service.http.get(f"/limits/{NAMESPACE}").json()] == [300]
+    assert service.http.post("/check_and_report", json=check).status_code == 429  # still spent
+    path.write_text(text)
+    wait_until(lambda: service.status()["config_error"] is None, what="the restored file applied")
+    [counter] = service.http.get(f"/counters/{NAMESPACE}").json()
+    assert counter["remaining"] == 0
+    assert service.http.post("/check_and_report", json=check).status_code == 429
+
