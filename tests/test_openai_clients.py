@@ -202,24 +202,40 @@ def test_every_sdk_call_is_charged_its_usage(service: ServiceProcess, proxies: d
     """8 users at once (4 sync in threads, 4 async), 8 calls each: JSON, SSE with and without
     include_usage, and streams left after 3 chunks. Afterwards each user's counter holds exactly
     the usage of its completed calls, plus what the route charges for the streams left early."""
+    _check_workload(service, proxies, route, users=8, rounds=1, prefix="mix")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_sdk_call_is_charged_its_usage_in_a_soak(
+    service: ServiceProcess, proxies: dict[str, Envoy], route: str
+) -> None:
+    """The same, 32 users at once, 5 rounds of 8 calls each: 1,280 calls per route."""
+    _check_workload(service, proxies, route, users=32, rounds=5, prefix="mix-soak")
+
+
+def _check_workload(
+    service: ServiceProcess, proxies: dict[str, Envoy], route: str, users: int, rounds: int, prefix: str
+) -> None:
     base_url = f"{proxies[route].url}/v1"
     tag = "x" if route == EXT_PROC else "l"
-    workload = {f"mix-{tag}-{n}": _calls(n) for n in range(8)}
-    users = list(workload)
+    workload = {f"{prefix}-{tag}-{n}": _calls(n) * rounds for n in range(users)}
+    names = list(workload)
+    half = users // 2
     sync_client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
     async_client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
 
     async def async_users() -> None:
-        await asyncio.gather(*(_async_user(async_client, user, workload[user]) for user in users[4:]))
+        await asyncio.gather(*(_async_user(async_client, user, workload[user]) for user in names[half:]))
 
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_sync_user, sync_client, user, workload[user]) for user in users[:4]]
+    with ThreadPoolExecutor(half) as pool:
+        futures = [pool.submit(_sync_user, sync_client, user, workload[user]) for user in names[:half]]
         asyncio.run(async_users())
         for future in futures:
             future.result()
     sync_client.close()
 
-    assert sum(len(calls) for calls in workload.values()) == 64
+    assert sum(len(calls) for calls in workload.values()) == users * 8 * rounds
     for user, calls in workload.items():
         for call in calls:
             if call.kind in ("json", "sse-usage"):
