@@ -62,6 +62,9 @@ class QuotaCollector:
         self.top_n = top_n
         self._statuses: Sequence[CounterStatus] = ()
 
+    def set_custom_labels(self, custom_labels: Mapping[str, Expression]) -> None:
+        self._custom = dict(sorted(custom_labels.items()))
+
     async def refresh(self) -> None:
         try:
             self._statuses = await self._read()

@@ -41,6 +41,7 @@ def install_quota_metrics(
 ) -> QuotaCollector:
     """Quota gauges over every counter the engine's storage holds, refreshed before each scrape."""
     collector = QuotaCollector(engine_counters(engine), custom_labels, top_n)
+    metrics.on_custom_labels(collector.set_custom_labels)  # a reloaded -L file labels the gauges too
     metrics.registry.register(collector)
     metrics.add_refresher(collector.refresh)
     return collector

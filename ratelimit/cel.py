@@ -40,8 +40,10 @@ import cel as cel_library
 __all__ = [
     "CelError",
     "Expression",
+    "MapExpression",
     "Predicate",
     "compile_expression",
+    "compile_map_expression",
     "compile_predicate",
 ]
 
@@ -133,6 +135,20 @@ class Expression(_Compiled):
         return _stringify(self._evaluate(descriptors, limit))
 
 
+class MapExpression(_Compiled):
+    """A compiled expression that yields a map (Limitador's `--metric-labels-default`)."""
+
+    __slots__ = ()
+
+    def evaluate_map(self, descriptors: Descriptors, limit: LimitInfo) -> dict[str, str]:
+        """The map's string keys with string values, as Limitador's ``Expression::eval_map``: other
+        entries are left out, and anything but a map (or an error) is an empty map."""
+        value = self._evaluate(descriptors, limit)
+        if not isinstance(value, Mapping):
+            return {}
+        return {key: item for key, item in value.items() if isinstance(key, str) and isinstance(item, str)}
+
+
 def compile_predicate(source: str) -> Predicate:
     """Compile a condition; raises CelError when it is invalid.
 
@@ -152,6 +168,13 @@ def compile_expression(source: str) -> Expression:
     """Compile a variable; raises CelError when it is invalid."""
     evaluate, node = _compile(source, fast=True)
     return Expression(source, evaluate, is_fast=node is not None)
+
+
+def compile_map_expression(source: str) -> MapExpression:
+    """Compile a map-valued expression (library path: the fast path only yields strings and
+    booleans); raises CelError when it is invalid."""
+    evaluate, _ = _compile(source, fast=False)
+    return MapExpression(source, evaluate, is_fast=False)
 
 
 def _library_predicate(source: str) -> Predicate:

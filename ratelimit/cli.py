@@ -3,7 +3,7 @@
     ratelimit serve [OPTIONS] [LIMITS_FILE] [memory [-c N]]
     ratelimit validate [LIMITS_FILE]
     ratelimit translate FILE_OR_DIR...           (MaaS custom resources -> Limitador limits)
-    ratelimit demo                               (the seed's tier demo through a real Envoy)
+    ratelimit demo                               (the tier demo through a real Envoy)
     ratelimit [OPTIONS] LIMITS_FILE [memory]     (Limitador's own form, for drop-in images)
 
 Options also come from Limitador's environment variables; the command line wins over the
@@ -19,12 +19,14 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
 from exporter.catalog import CatalogError
+from ratelimit import logs
 from ratelimit.limits import LimitsError, dump_limits, load_limits_file
-from ratelimit.metrics import MetricLabelsError
+from ratelimit.metrics import MetricLabelsError, parse_default_labels
 from ratelimit.server.app import RATE_LIMIT_HEADER_MODES, STORAGES, ServiceConfig, ServerError, run_service
 from ratelimit.server.guards import DEFAULT_HEADER_TIMEOUT
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL
@@ -34,31 +36,60 @@ from ratelimit.storage.redis_client import parse_url
 
 T = TypeVar("T")
 
+logger = logging.getLogger("ratelimit")
+
 COMMANDS = ("serve", "validate", "translate", "demo")
 
 # Limitador's storage words. Only those in STORAGES can be served; the others are recognised so that
 # a Limitador command line gets a clear "not supported yet" rather than "no such file".
 STORAGE_WORDS = ("memory", "disk", "redis", "redis_cached", "distributed")
 
-# `-v` count -> log level, as Limitador maps it (no -v: errors only; -vvvv: trace).
-LOG_LEVELS = ("error", "warning", "info", "debug", "trace")
-
-# Served when no LIMITS_FILE is given: the tier demo, examples/tiers.yaml, shipped as package data
-# (a symlink in the checkout, a copy in a built wheel).
+# Served when no LIMITS_FILE is given to `ratelimit serve`: the tier demo, examples/tiers.yaml, shipped
+# as package data (a symlink in the checkout, a copy in a built wheel). `limitador-server` has no default.
 DEFAULT_LIMITS_FILE = Path(__file__).resolve().parent / "default_limits.yaml"
 
+# Limitador settings this service cannot honour: refused at start rather than ignored.
+_DISK_REFUSAL = "the disk storage is not supported; use memory, redis or redis_cached"
+_GONE_REFUSAL = ("is in Limitador's configuration docs but Limitador 2 no longer reads it (its redis_cached cache "
+                 "has no TTL-based expiry) and neither does this service; remove it")
+REFUSED_VARIABLES = {
+    "DISK_PATH": _DISK_REFUSAL,
+    "DISK_OPTIMIZE": _DISK_REFUSAL,
+    "REDIS_LOCAL_CACHE_MAX_TTL_CACHED_COUNTERS_MS": _GONE_REFUSAL,
+    "REDIS_LOCAL_CACHE_TTL_RATIO_CACHED_COUNTERS": _GONE_REFUSAL,
+}
+_CACHE_VARIABLES = ("REDIS_LOCAL_CACHE_ENABLED", "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS", "REDIS_LOCAL_CACHE_BATCH_SIZE")
+
 ENVIRONMENT_HELP = """\
-environment variables (the command line overrides them):
+environment variables (the command line overrides them), Limitador's:
   LIMITS_FILE                          LIMITS_FILE
   HTTP_API_HOST, HTTP_API_PORT         -B/--http-ip, -P/--http-port
   ENVOY_RLS_HOST, ENVOY_RLS_PORT       -b/--rls-ip, -p/--rls-port
   RATE_LIMIT_HEADERS                   -H/--rate-limit-headers
   LIMIT_NAME_IN_PROMETHEUS_LABELS=1    -l/--limit-name-in-labels
+  TRACING_ENDPOINT                     --tracing-endpoint
+  RUST_LOG                             -v (its most verbose level, e.g. `info` or `limitador=debug`)
+  REDIS_URL                            storage `redis URL` when no STORAGE is given (and the URL of
+                                       `redis` / `redis_cached` given without one)
+  REDIS_LOCAL_CACHE_ENABLED=1          with REDIS_URL: `redis_cached URL` instead
+  REDIS_LOCAL_CACHE_BATCH_SIZE         redis_cached --batch-size
+  REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS redis_cached --flush-period
+and this service's own:
   RATELIMIT_API_TOKEN                  --api-token (prefer the variable: arguments show in `ps`)
   RATELIMIT_RELOAD_INTERVAL            --reload-interval
   RATELIMIT_HTTP_MAX_CONNECTIONS       --http-max-connections
   RATELIMIT_HTTP_HEADER_TIMEOUT        --http-header-timeout
+Refused at start: DISK_PATH, DISK_OPTIMIZE (no disk storage), REDIS_LOCAL_CACHE_MAX_TTL_CACHED_COUNTERS_MS and
+REDIS_LOCAL_CACHE_TTL_RATIO_CACHED_COUNTERS (no longer read by Limitador either).
 """
+
+
+def version() -> str:
+    try:
+        number = metadata.version("ratelimit")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        number = "unknown"
+    return f"ratelimit {number} (Limitador-compatible)"
 
 
 @dataclass(frozen=True)
@@ -77,13 +108,15 @@ class Translate:
 
 @dataclass(frozen=True)
 class Demo:
-    """`ratelimit demo`: the seed's four acts through a real Envoy (ratelimit.demo)."""
+    """`ratelimit demo`: the tier demo's four acts through a real Envoy (ratelimit.demo)."""
 
 
 @dataclass(frozen=True)
 class Serve:
     config: ServiceConfig
     used_default_limits: bool
+    notices: tuple[str, ...] = ()
+    """Settings the command line overrode, logged at start (Limitador overrides them silently)."""
 
 
 # -- value parsers: shared by the command line and the environment --------------------------------
@@ -124,7 +157,19 @@ def _positive_float(text: str) -> float:
 
 
 def _flag(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+    """Limitador's boolean variables: only "1" turns them on there, so anything but "1" or "0" is
+    refused rather than read the way Limitador would silently read it (as off)."""
+    value = text.strip()
+    if value not in ("0", "1"):
+        raise ValueError("set it to 1 to enable (or 0); Limitador reads only \"1\" as enabled")
+    return value == "1"
+
+
+def _tracing_endpoint(text: str) -> str:
+    from ratelimit.server.tracing import parse_endpoint  # opentelemetry itself is imported only when used
+
+    parse_endpoint(text)
+    return text
 
 
 def _argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -225,8 +270,17 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     serve.add_argument("--http-header-timeout", metavar="SECONDS", type=_argument_type(_positive_float),
                        help="seconds a client may take to send a request head, then 408 "
                             f"(env RATELIMIT_HTTP_HEADER_TIMEOUT; default {DEFAULT_HEADER_TIMEOUT:g})")
+    serve.add_argument("--metric-labels-default", metavar="EXPR",
+                       help="CEL expression over descriptors giving a map of metric labels, e.g. `descriptors[1]`; "
+                            "the -L labels win over its entries")
+    serve.add_argument("--tracing-endpoint", metavar="URL", type=_argument_type(_tracing_endpoint),
+                       help="export a span per decision over OTLP/gRPC to URL, e.g. http://collector:4317 "
+                            "(env TRACING_ENDPOINT; default: off)")
     serve.add_argument("-v", dest="verbosity", action="count", default=0,
-                       help="more logging: -v warnings, -vv info, -vvv debug, -vvvv trace")
+                       help="more logging: -v warnings, -vv info, -vvv debug, -vvvv trace (default: errors, "
+                            "or RUST_LOG's level)")
+    serve.add_argument("--structured-logs", action="store_true", help="log JSON lines (one object per line)")
+    serve.add_argument("-V", "--version", action="version", version=version())
     serve.add_argument("--validate", action="store_true",
                        help="print the normalized limits and exit: 0 if valid, 1 if not")
     serve.add_argument("--maas", metavar="DIR",
@@ -248,20 +302,32 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     translate.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
     demo = commands.add_parser(
-        "demo", help="play the seed's freemium / pro / premium demo through a real Envoy (needs a checkout)",
-        description="Start `serve --maas examples/maas`, an OpenAI-compatible upstream and Envoy, play seed 003 "
-                    "section 10.2 Acts 1-4 and show the counters.",
+        "demo", help="play the freemium / pro / premium tier demo through a real Envoy (needs a checkout)",
+        description="Start `serve --maas examples/maas`, an OpenAI-compatible upstream and Envoy, play the tier "
+                    "demo's four acts and show the counters.",
     )
     return parser, {"serve": serve, "validate": validate, "translate": translate, "demo": demo}
 
 
-def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Validate | Translate | Demo:
-    """What to do. Usage errors exit 2 through argparse, with the usage line."""
+def parse_command(
+    argv: Sequence[str], env: Mapping[str, str], limitador: bool = False
+) -> Serve | Validate | Translate | Demo:
+    """What to do. Usage errors exit 2 through argparse, with the usage line.
+
+    `limitador=True` is the `limitador-server` command: Limitador's command line only (no
+    subcommands), and LIMITS_FILE is required as there, with no example limits to fall back on.
+    """
     parser, commands = build_parsers()
-    if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help(sys.stderr if not argv else sys.stdout)
-        raise SystemExit(2 if not argv else 0)
-    command, rest = (argv[0], list(argv[1:])) if argv[0] in COMMANDS else ("serve", list(argv))
+    if limitador:
+        command, rest = "serve", list(argv)
+        commands["serve"].prog = "limitador-server"
+    else:
+        if not argv and env.get("LIMITS_FILE"):
+            argv = ["serve"]  # `LIMITS_FILE=... ratelimit`, as a Limitador image is started
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help(sys.stderr if not argv else sys.stdout)
+            raise SystemExit(2 if not argv else 0)
+        command, rest = (argv[0], list(argv[1:])) if argv[0] in COMMANDS else ("serve", list(argv))
     sub = commands[command]
     # Intermixed parsing lets options sit anywhere, e.g. `serve limits.yaml memory -c 100 -vv`.
     args = sub.parse_intermixed_args(rest)
@@ -276,15 +342,7 @@ def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Valida
         args.limits_file = None
 
     def setting(value: T | None, name: str, parse: Callable[[str], T], default: T) -> T:
-        if value is not None:
-            return value
-        raw = env.get(name, "")
-        if raw == "":
-            return default
-        try:
-            return parse(raw)
-        except ValueError as exc:
-            sub.error(f"environment variable {name}={raw!r}: {exc}")
+        return _env_setting(sub, env, value, name, parse, default)
 
     limits_file = setting(args.limits_file, "LIMITS_FILE", str, "")
     maas_dir = getattr(args, "maas", None)
@@ -294,13 +352,33 @@ def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Valida
         limits_file = maas_dir
     used_default = not limits_file
     if used_default:
+        if limitador:
+            sub.error("LIMITS_FILE is required (as an argument or the LIMITS_FILE environment variable)")
         if not DEFAULT_LIMITS_FILE.is_file():
             sub.error(f"LIMITS_FILE is required (the embedded default {DEFAULT_LIMITS_FILE} is missing)")
         limits_file = str(DEFAULT_LIMITS_FILE)
     if command == "validate" or args.validate:
         return Validate(limits_file)
 
-    storage_name, storage_url = _storage(sub, storage, args)
+    for name, reason in REFUSED_VARIABLES.items():
+        if env.get(name, "") != "":
+            sub.error(f"environment variable {name} is set: {reason}")
+    unknown_cache = sorted(name for name in env if name.startswith("REDIS_LOCAL_CACHE_")
+                           and name not in _CACHE_VARIABLES and name not in REFUSED_VARIABLES)
+    if unknown_cache:
+        sub.error(f"environment variable {unknown_cache[0]} is not a Limitador setting "
+                  f"(known: {', '.join(_CACHE_VARIABLES)})")
+    notices: list[str] = []
+    storage_name, storage_url, cache = _storage(sub, storage, args, env, notices)
+    if args.metric_labels_default is not None:
+        try:
+            parse_default_labels(args.metric_labels_default)
+        except MetricLabelsError as exc:
+            sub.error(str(exc))
+    if args.verbosity:
+        log_level = logs.verbosity_level(args.verbosity)
+    else:
+        log_level = setting(None, "RUST_LOG", logs.rust_log_level, "error")
     config = ServiceConfig(
         limits_file=limits_file,
         maas=maas_dir is not None,
@@ -314,35 +392,87 @@ def parse_command(argv: Sequence[str], env: Mapping[str, str]) -> Serve | Valida
         storage_url=storage_url,
         on_storage_error=args.on_storage_error,
         response_timeout=(args.response_timeout or round(DEFAULT_TIMEOUT * 1000)) / 1000,
-        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
-        flush_period=(args.flush_period or round(DEFAULT_FLUSH_PERIOD * 1000)) / 1000,
+        batch_size=cache.batch_size,
+        flush_period=cache.flush_period_ms / 1000,
         max_cached=args.max_cached or DEFAULT_MAX_CACHED,
         rate_limit_headers=setting(args.rate_limit_headers, "RATE_LIMIT_HEADERS", _header_mode, "NONE"),
         limit_name_in_labels=setting(args.limit_name_in_labels, "LIMIT_NAME_IN_PROMETHEUS_LABELS", _flag, False),
         custom_metric_labels=args.custom_metric_labels,
+        metric_labels_default=args.metric_labels_default,
         metrics_total_suffix=args.metrics_total_suffix,
         quota_metrics=args.quota_metrics,
         model_catalog=tuple(args.model_catalog),
         api_token=setting(args.api_token, "RATELIMIT_API_TOKEN", str, None),
         openai_errors=args.openai_errors,
         ext_proc_config=args.ext_proc_config,
-        log_level=LOG_LEVELS[min(args.verbosity, len(LOG_LEVELS) - 1)],
+        log_level=log_level,
+        structured_logs=args.structured_logs,
+        tracing_endpoint=setting(args.tracing_endpoint, "TRACING_ENDPOINT", _tracing_endpoint, ""),
         reload_interval=setting(args.reload_interval, "RATELIMIT_RELOAD_INTERVAL", _positive_float, DEFAULT_INTERVAL),
         http_max_connections=setting(args.http_max_connections, "RATELIMIT_HTTP_MAX_CONNECTIONS", _positive_int, None),
         http_header_timeout=setting(
             args.http_header_timeout, "RATELIMIT_HTTP_HEADER_TIMEOUT", _positive_float, DEFAULT_HEADER_TIMEOUT
         ),
     )
-    return Serve(config, used_default)
+    return Serve(config, used_default, tuple(notices))
 
 
-def _storage(parser: argparse.ArgumentParser, words: Sequence[str], args: argparse.Namespace) -> tuple[str, str | None]:
-    """The storage and its URL from `[memory]`, `redis URL` or `redis_cached URL`."""
-    name, *rest = words or ["memory"]
+def _env_setting(
+    parser: argparse.ArgumentParser, env: Mapping[str, str], value: T | None, name: str, parse: Callable[[str], T],
+    default: T,
+) -> T:
+    """The command line's value, else the environment variable's (parsed), else the default."""
+    if value is not None:
+        return value
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return parse(raw)
+    except ValueError as exc:
+        parser.error(f"environment variable {name}={raw!r}: {exc}")
+
+
+@dataclass(frozen=True)
+class _CacheSettings:
+    batch_size: int = DEFAULT_BATCH_SIZE
+    flush_period_ms: int = round(DEFAULT_FLUSH_PERIOD * 1000)
+
+
+def _storage(
+    parser: argparse.ArgumentParser, words: Sequence[str], args: argparse.Namespace, env: Mapping[str, str],
+    notices: list[str],
+) -> tuple[str, str | None, _CacheSettings]:
+    """The storage, its URL and the redis_cached settings, from `[memory]`, `redis URL`,
+    `redis_cached URL` or, as Limitador does when no storage is named, from REDIS_URL (+
+    REDIS_LOCAL_CACHE_ENABLED=1 for redis_cached)."""
+    env_url = env.get("REDIS_URL", "")
+    cache_enabled = _env_setting(parser, env, None, "REDIS_LOCAL_CACHE_ENABLED", _flag, False)
+    cache_variables = [name for name in _CACHE_VARIABLES[1:] if env.get(name, "") != ""]
+    if words:
+        name, *rest = words
+        from_environment = False
+    elif env_url:
+        name, rest, from_environment = ("redis_cached" if cache_enabled else "redis"), [env_url], True
+    else:
+        if cache_enabled or cache_variables:
+            parser.error(f"environment variable {'REDIS_LOCAL_CACHE_ENABLED' if cache_enabled else cache_variables[0]} "
+                         "needs REDIS_URL (or name the storage: `redis_cached URL`)")
+        name, rest, from_environment = "memory", [], True
     if name not in STORAGE_WORDS:
         parser.error(f"unknown storage {name!r}; expected one of {', '.join(STORAGE_WORDS)}")
     if name not in STORAGES:
         parser.error(f"storage {name!r} is not supported yet; use {' or '.join(STORAGES)}")
+    if not from_environment:
+        if env_url and name == "memory":
+            notices.append("REDIS_URL is set, but the command line names the memory storage: counters stay in "
+                           "this process")
+        if cache_enabled and name != "redis_cached":
+            notices.append(f"REDIS_LOCAL_CACHE_ENABLED=1 is set, but the command line names the {name} storage")
+    if cache_variables and name != "redis_cached":
+        if from_environment:
+            parser.error(f"environment variable {cache_variables[0]} only applies with REDIS_LOCAL_CACHE_ENABLED=1")
+        notices.append(f"{', '.join(cache_variables)} only apply to redis_cached, not to the {name} storage")
     cached_only = [flag for flag, value in (("--batch-size", args.batch_size), ("--flush-period", args.flush_period),
                                             ("--max-cached", args.max_cached)) if value is not None]
     if name != "redis_cached" and cached_only:
@@ -352,14 +482,23 @@ def _storage(parser: argparse.ArgumentParser, words: Sequence[str], args: argpar
             parser.error("--response-timeout only applies to redis and redis_cached")
         if rest:
             parser.error(f"unexpected arguments after {name!r}: {' '.join(rest)}")
-        return name, None
+        return name, None, _CacheSettings()
+    if not rest and env_url:
+        rest = [env_url]  # `redis` / `redis_cached` without a URL: Limitador's default is REDIS_URL
     if len(rest) != 1:
-        parser.error(f"{name} needs exactly one URL, e.g. `{name} redis://127.0.0.1:6379`")
+        parser.error(f"{name} needs exactly one URL, e.g. `{name} redis://127.0.0.1:6379` (or REDIS_URL)")
     try:
         parse_url(rest[0])
     except ValueError as exc:
-        parser.error(f"{name} URL: {exc}")
-    return name, rest[0]
+        source = "environment variable REDIS_URL" if rest[0] == env_url else f"{name} URL"
+        parser.error(f"{source}: {exc}")
+    cache = _CacheSettings(
+        batch_size=_env_setting(parser, env, args.batch_size, "REDIS_LOCAL_CACHE_BATCH_SIZE", _positive_int,
+                                DEFAULT_BATCH_SIZE),
+        flush_period_ms=_env_setting(parser, env, args.flush_period, "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS",
+                                     _positive_int, round(DEFAULT_FLUSH_PERIOD * 1000)),
+    ) if name == "redis_cached" else _CacheSettings()
+    return name, rest[0], cache
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -391,29 +530,30 @@ def translate(paths: Sequence[str]) -> int:
 
 
 def serve(command: Serve) -> int:
-    level = command.config.log_level.upper()
-    logging.basicConfig(
-        level=logging.DEBUG if level == "TRACE" else level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    config = command.config
+    logs.configure_logging(config.log_level, config.structured_logs)
+    logs.STARTUP.info("%s", version())
     if command.used_default_limits:
-        # Said on stderr whatever the log level: nobody should be surprised by which limits apply.
-        print(f"ratelimit: no LIMITS_FILE given, serving the example {command.config.limits_file}", file=sys.stderr)
+        # Said whatever the log level: nobody should be surprised by which limits apply.
+        logs.STARTUP.warning("no LIMITS_FILE given, serving the example %s", config.limits_file)
+    for notice in command.notices:
+        logs.STARTUP.warning("%s", notice)
     try:
-        asyncio.run(run_service(command.config))
+        asyncio.run(run_service(config))
     except LimitsError as exc:
-        print(f"ratelimit: cannot start, invalid limits file: {exc}", file=sys.stderr)
+        logger.error("cannot start, invalid limits file: %s", exc)
         return 1
     except ServerError as exc:
-        print(f"ratelimit: {exc}", file=sys.stderr)
+        logger.error("%s", exc)
         return 1
     except (MetricLabelsError, CatalogError) as exc:
-        print(f"ratelimit: cannot start: {exc}", file=sys.stderr)
+        logger.error("cannot start: %s", exc)
         return 1
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`ratelimit`: the commands above, or Limitador's command line without one."""
     command = parse_command(sys.argv[1:] if argv is None else argv, os.environ)
     if isinstance(command, Validate):
         return validate(command.limits_file)
@@ -423,6 +563,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ratelimit.demo import main as demo  # starts Envoy: imported only for this command
 
         return demo()
+    return serve(command)
+
+
+def limitador_main(argv: Sequence[str] | None = None) -> int:
+    """`limitador-server`: Limitador's command line exactly, for images and operators that run
+    `limitador-server [OPTIONS] LIMITS_FILE [STORAGE]` (the limitador-operator does)."""
+    command = parse_command(sys.argv[1:] if argv is None else argv, os.environ, limitador=True)
+    if isinstance(command, Validate):
+        return validate(command.limits_file)
+    assert isinstance(command, Serve)
     return serve(command)
 
 

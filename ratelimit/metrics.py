@@ -33,7 +33,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.utils import floatToGoString
 
-from ratelimit.cel import CelError, Expression, compile_expression
+from ratelimit.cel import CelError, Expression, MapExpression, compile_expression, compile_map_expression
 from ratelimit.limits import Limit
 from ratelimit.storage.base import Storage, StorageWrapper
 
@@ -87,6 +87,14 @@ def parse_custom_labels(text: str, source: str = "<labels>") -> dict[str, Expres
     return labels
 
 
+def parse_default_labels(source: str) -> MapExpression:
+    """`--metric-labels-default`: a CEL expression over `descriptors` that gives a map of labels."""
+    try:
+        return compile_map_expression(source)
+    except CelError as exc:
+        raise MetricLabelsError(f"--metric-labels-default: {exc}") from None
+
+
 def load_custom_labels(path: str | Path) -> dict[str, Expression]:
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -95,28 +103,31 @@ def load_custom_labels(path: str | Path) -> dict[str, Expression]:
     return parse_custom_labels(text, str(path))
 
 
+LabelSet = tuple[tuple[str, str], ...]
+"""A series' labels as sorted (name, value) pairs: the label names may differ from call to call
+(`--metric-labels-default` yields a map, and `-L` is reloaded), as in Limitador's exporter."""
+
+
 @dataclass
 class _CounterFamily:
-    """One counter family: label values -> count. Callers hold `Metrics._lock`."""
+    """One counter family: label set -> count. Callers hold `Metrics._lock`."""
 
     name: str
     documentation: str
-    label_names: tuple[str, ...]
-    values: dict[tuple[str, ...], int] = field(default_factory=dict)
+    values: dict[LabelSet, int] = field(default_factory=dict)
 
-    def inc(self, label_values: tuple[str, ...], amount: int) -> None:
-        if label_values not in self.values and len(self.values) >= MAX_SERIES:
-            label_values = (OVERFLOW_LABEL,) * len(label_values)
-        self.values[label_values] = self.values.get(label_values, 0) + amount
+    def inc(self, labels: LabelSet, amount: int) -> None:
+        if labels not in self.values and len(self.values) >= MAX_SERIES:
+            labels = tuple((name, OVERFLOW_LABEL) for name, _ in labels)
+        self.values[labels] = self.values.get(labels, 0) + amount
 
-    def snapshot(self, values: Mapping[tuple[str, ...], int]) -> Metric:
+    def snapshot(self, values: Mapping[LabelSet, int]) -> Metric:
         """The family as a Metric, from a copy of `values` (formatting runs outside the lock)."""
         metric = Metric(self.name, self.documentation, "counter")
-        for label_values, value in values.items():
+        for labels, value in values.items():
             # An empty value is how Prometheus spells "no such label": leave it out, as Limitador
             # drops a custom label whose CEL does not resolve.
-            labels = {name: value for name, value in zip(self.label_names, label_values) if value != ""}
-            metric.add_sample(self.name, labels, value)
+            metric.add_sample(self.name, {name: value for name, value in labels if value != ""}, value)
         return metric
 
 
@@ -129,24 +140,37 @@ class Metrics:
         custom_labels: Mapping[str, Expression] | None = None,
         total_suffix: bool = False,
         limits_of: LimitsOf | None = None,
+        default_labels: MapExpression | None = None,
     ) -> None:
         self.limit_name_in_labels = limit_name_in_labels
-        self.custom_labels = dict(sorted((custom_labels or {}).items()))
+        self.custom_labels: dict[str, Expression] = {}
+        self.default_labels = default_labels
+        """`--metric-labels-default`: CEL giving a map of label -> value; `-L` labels win over it."""
         self.total_suffix = total_suffix
         self._limits_of = limits_of
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._label_listeners: list[Callable[[Mapping[str, Expression]], None]] = []
         self._lock = threading.Lock()
-        labels = (NAMESPACE_LABEL, *self.custom_labels)
-        if limit_name_in_labels:
-            labels = (*labels, LIMIT_NAME_LABEL)
-        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls", labels)
-        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits", labels)
-        self._limited_calls = _CounterFamily("limited_calls", "Limited calls", labels)
+        self.set_custom_labels(custom_labels or {})
+        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls")
+        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits")
+        self._limited_calls = _CounterFamily("limited_calls", "Limited calls")
         self._families = (self._authorized_calls, self._authorized_hits, self._limited_calls)
         self.registry = CollectorRegistry(auto_describe=True)
         """Other parts of the service may register their own collectors here."""
         self.registry.register(self)
         Gauge("limitador_up", "Limitador is running", registry=self.registry).set(1)
+
+    def set_custom_labels(self, labels: Mapping[str, Expression]) -> None:
+        """Replace the `-L` labels (a reload). Series counted so far keep their labels: a counter's
+        label set is its identity, so they stay as they were and new calls start new series."""
+        self.custom_labels = dict(sorted(labels.items()))
+        for listener in self._label_listeners:
+            listener(self.custom_labels)
+
+    def on_custom_labels(self, listener: Callable[[Mapping[str, Expression]], None]) -> None:
+        """Call `listener` with the new `-L` labels on every reload (the quota gauges use them too)."""
+        self._label_listeners.append(listener)
 
     def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
         """An async step run before each scrape: collectors are synchronous, but reading counters
@@ -189,18 +213,27 @@ class Metrics:
             return ""
         return ",".join(sorted({limit.name for limit in limits if limit.name}))
 
-    def _labels(self, namespace: str, descriptors: Descriptors, limit_name: str) -> tuple[str, ...]:
-        """Label values in the families' label order: namespace, custom labels, limit name."""
-        values = [namespace if len(namespace) <= MAX_LABEL_VALUE_LENGTH else TOO_LONG_LABEL]
-        for expression in self.custom_labels.values():
+    def _labels(self, namespace: str, descriptors: Descriptors, limit_name: str) -> LabelSet:
+        """The call's labels: the default map, then the `-L` labels over it, then the namespace and
+        limit name, which neither may override (Limitador appends them last too). Values longer
+        than MAX_LABEL_VALUE_LENGTH show as TOO_LONG_LABEL."""
+        labels: dict[str, str] = {}
+        if self.default_labels is not None:
+            defaults = self.default_labels.evaluate_map(descriptors, _NO_LIMIT)
+            labels.update((name, _bounded(value)) for name, value in defaults.items()
+                          if _LABEL_NAME.match(name) and not name.startswith("__"))
+        for name, expression in self.custom_labels.items():
             try:
                 value = expression.evaluate(descriptors, _NO_LIMIT)
             except Exception:  # noqa: BLE001 - a label must never fail the call it describes
                 value = None
-            values.append(TOO_LONG_LABEL if value and len(value) > MAX_LABEL_VALUE_LENGTH else value or "")
+            labels[name] = _bounded(value or "")
+        labels[NAMESPACE_LABEL] = _bounded(namespace)
         if self.limit_name_in_labels:
-            values.append(limit_name)
-        return tuple(values)
+            labels[LIMIT_NAME_LABEL] = limit_name
+        # Without the default map the names come in one fixed order, so the pairs are canonical as
+        # they are; a map's keys can come in any order and are sorted.
+        return tuple(sorted(labels.items())) if self.default_labels is not None else tuple(labels.items())
 
     # -- exposition ------------------------------------------------------------------------------
 
@@ -225,6 +258,10 @@ class Metrics:
                 metric.samples = [s for s in metric.samples if s.name != metric.name + "_created"]
                 parts.append(generate_latest(_Single(metric)))
         return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _bounded(value: str) -> str:
+    return value if len(value) <= MAX_LABEL_VALUE_LENGTH else TOO_LONG_LABEL
 
 
 @dataclass

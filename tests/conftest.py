@@ -54,13 +54,20 @@ class ServiceProcess:
     host = "127.0.0.1"
 
     def __init__(
-        self, limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None
+        self, limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None,
+        launcher: Sequence[str] | None = None,
     ) -> None:
         self.limits_file = None if limits_file is None else Path(limits_file)
         """None: no LIMITS_FILE argument, so the service picks its default."""
         self.http_port, self.rls_port = free_ports(2, self.host)
         self.args: Sequence[str] = args
+        self.launcher = launcher
+        """A program to run exactly as given, followed by `args` (e.g. `["limitador-server"]`); the
+        addresses then come from Limitador's environment variables, as in a Deployment."""
         self.extra_env = dict(env or {})
+        if launcher is not None:
+            self.extra_env.update({"HTTP_API_HOST": self.host, "HTTP_API_PORT": str(self.http_port),
+                                   "ENVOY_RLS_HOST": self.host, "ENVOY_RLS_PORT": str(self.rls_port)})
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] = tempfile.TemporaryFile()
         self.url = f"http://{self.host}:{self.http_port}"
@@ -72,6 +79,8 @@ class ServiceProcess:
 
     @property
     def command(self) -> list[str]:
+        if self.launcher is not None:
+            return [*self.launcher, *([] if self.limits_file is None else [str(self.limits_file)]), *self.args]
         return [
             sys.executable, "-m", "ratelimit.cli", "serve",
             *([] if self.limits_file is None else [str(self.limits_file)]),
@@ -130,7 +139,10 @@ class ServiceProcess:
 
 _SERVICE_VARIABLES = frozenset({
     "LIMITS_FILE", "HTTP_API_HOST", "HTTP_API_PORT", "ENVOY_RLS_HOST", "ENVOY_RLS_PORT", "RATE_LIMIT_HEADERS",
-    "LIMIT_NAME_IN_PROMETHEUS_LABELS", "RATELIMIT_API_TOKEN", "RATELIMIT_RELOAD_INTERVAL",
+    "LIMIT_NAME_IN_PROMETHEUS_LABELS", "RATELIMIT_API_TOKEN", "RATELIMIT_RELOAD_INTERVAL", "TRACING_ENDPOINT",
+    "RUST_LOG", "REDIS_URL", "REDIS_LOCAL_CACHE_ENABLED", "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS",
+    "REDIS_LOCAL_CACHE_BATCH_SIZE", "REDIS_LOCAL_CACHE_MAX_TTL_CACHED_COUNTERS_MS",
+    "REDIS_LOCAL_CACHE_TTL_RATIO_CACHED_COUNTERS", "DISK_PATH", "DISK_OPTIMIZE",
 })
 
 
@@ -140,8 +152,11 @@ def start_service(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serv
     once /status answers; every one started is stopped at teardown. On failure its output is shown."""
     started: list[ServiceProcess] = []
 
-    def start(limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None) -> ServiceProcess:
-        service = ServiceProcess(limits_file, *args, env=env)
+    def start(
+        limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None,
+        launcher: Sequence[str] | None = None,
+    ) -> ServiceProcess:
+        service = ServiceProcess(limits_file, *args, env=env, launcher=launcher)
         started.append(service)
         return service.start()
 

@@ -113,10 +113,129 @@ def test_command_line_overrides_environment() -> None:
     )
 
 
-@pytest.mark.parametrize("value, enabled", [("1", True), ("true", True), ("0", False), ("", False)])
+@pytest.mark.parametrize("value, enabled", [("1", True), ("0", False), ("", False)])
 def test_limit_name_label_variable(value: str, enabled: bool) -> None:
     config = serve_config(["serve", "x.yaml"], {"LIMIT_NAME_IN_PROMETHEUS_LABELS": value})
     assert config.limit_name_in_labels is enabled
+
+
+@pytest.mark.parametrize("name", ["LIMIT_NAME_IN_PROMETHEUS_LABELS", "REDIS_LOCAL_CACHE_ENABLED"])
+def test_boolean_variables_other_than_1_or_0_are_refused(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Limitador reads only "1" as on: "true" would be off there, so it is refused, not guessed."""
+    env = {name: "true", "REDIS_URL": "redis://127.0.0.1:6379"}
+    assert f"environment variable {name}='true': set it to 1 to enable" in usage_error(["serve", "x.yaml"], capsys, env)
+
+
+# -- storage from the environment, as Limitador's storage_config_from_env ---------------------------
+
+
+def test_redis_url_alone_means_redis_storage() -> None:
+    config = serve_config(["serve", "x.yaml"], {"REDIS_URL": "redis://redis:6379/0"})
+    assert (config.storage, config.storage_url) == ("redis", "redis://redis:6379/0")
+
+
+def test_redis_url_with_local_cache_means_redis_cached_with_its_variables() -> None:
+    config = serve_config(["serve", "x.yaml"], {
+        "REDIS_URL": "redis://redis:6379", "REDIS_LOCAL_CACHE_ENABLED": "1",
+        "REDIS_LOCAL_CACHE_BATCH_SIZE": "50", "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS": "250",
+    })
+    assert (config.storage, config.storage_url, config.batch_size, config.flush_period) == (
+        "redis_cached", "redis://redis:6379", 50, 0.25)
+
+
+def test_storage_words_take_their_url_and_cache_defaults_from_the_environment() -> None:
+    env = {"REDIS_URL": "redis://env:6379", "REDIS_LOCAL_CACHE_BATCH_SIZE": "7"}
+    cached = serve_config(["serve", "x.yaml", "redis_cached"], env)
+    assert (cached.storage, cached.storage_url, cached.batch_size) == ("redis_cached", "redis://env:6379", 7)
+    flagged = serve_config(["serve", "x.yaml", "redis_cached", "redis://cli:6379", "--batch-size", "9"], env)
+    assert (flagged.storage_url, flagged.batch_size) == ("redis://cli:6379", 9)  # the command line wins
+
+
+def test_a_storage_on_the_command_line_wins_over_redis_url_and_says_so() -> None:
+    command = parse_command(["serve", "x.yaml", "memory"], {"REDIS_URL": "redis://redis:6379"})
+    assert isinstance(command, Serve) and command.config.storage == "memory"
+    assert any("REDIS_URL is set" in notice for notice in command.notices)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"REDIS_LOCAL_CACHE_ENABLED": "1"}, "REDIS_LOCAL_CACHE_ENABLED needs REDIS_URL"),
+        ({"REDIS_LOCAL_CACHE_BATCH_SIZE": "10"}, "REDIS_LOCAL_CACHE_BATCH_SIZE needs REDIS_URL"),
+        ({"REDIS_URL": "redis://r:6379", "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS": "10"},
+         "REDIS_LOCAL_CACHE_FLUSHING_PERIOD_MS only applies with REDIS_LOCAL_CACHE_ENABLED=1"),
+        ({"REDIS_URL": "mongodb://r"}, "environment variable REDIS_URL"),
+        ({"REDIS_URL": "redis://r", "REDIS_LOCAL_CACHE_ENABLED": "1", "REDIS_LOCAL_CACHE_BATCH_SIZE": "many"},
+         "REDIS_LOCAL_CACHE_BATCH_SIZE='many'"),
+        ({"DISK_PATH": "/var/lib/limitador"}, "DISK_PATH is set: the disk storage is not supported"),
+        ({"DISK_OPTIMIZE": "disk"}, "DISK_OPTIMIZE is set: the disk storage is not supported"),
+        ({"REDIS_LOCAL_CACHE_MAX_TTL_CACHED_COUNTERS_MS": "5000"}, "Limitador 2 no longer reads it"),
+        ({"REDIS_LOCAL_CACHE_TTL_RATIO_CACHED_COUNTERS": "10"}, "Limitador 2 no longer reads it"),
+        ({"REDIS_LOCAL_CACHE_SIZE": "10"}, "REDIS_LOCAL_CACHE_SIZE is not a Limitador setting"),
+        ({"RUST_LOG": "info,limitador=loud"}, "environment variable RUST_LOG='info,limitador=loud'"),
+        ({"RUST_LOG": "limitador=chatty"}, "directive 'limitador=chatty'"),
+        ({"TRACING_ENDPOINT": "ftp://collector:21"}, "scheme must be http, https, rpc or grpc"),
+    ],
+)
+def test_environment_settings_that_cannot_be_honoured_are_refused(
+    env: dict[str, str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert expected in usage_error(["serve", "x.yaml"], capsys, env)
+
+
+# -- logging, tracing, labels ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, level", [
+    ("error", "error"), ("warn", "warning"), ("INFO", "info"), ("debug", "debug"), ("trace", "trace"),
+    ("off", "off"), ("warn,limitador=debug", "debug"), ("limitador_server=info,tower=warn", "info"),
+    ("limitador", "trace"),
+])
+def test_rust_log_sets_the_level_when_no_v_is_given(value: str, level: str) -> None:
+    assert serve_config(["serve", "x.yaml"], {"RUST_LOG": value}).log_level == level
+    assert serve_config(["serve", "x.yaml", "-vv"], {"RUST_LOG": value}).log_level == "info"
+
+
+def test_limitador_options_for_logs_traces_and_labels() -> None:
+    config = serve_config(["serve", "x.yaml", "--structured-logs", "--tracing-endpoint", "rpc://tempo:4317",
+                           "--metric-labels-default", "descriptors[1]"])
+    assert (config.structured_logs, config.tracing_endpoint, config.metric_labels_default) == (
+        True, "rpc://tempo:4317", "descriptors[1]")
+    assert serve_config(["serve", "x.yaml"], {"TRACING_ENDPOINT": "http://jaeger:4317"}).tracing_endpoint == (
+        "http://jaeger:4317")
+
+
+def test_bad_metric_labels_default_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "--metric-labels-default" in usage_error(["serve", "x.yaml", "--metric-labels-default", "{'a':"], capsys)
+
+
+@pytest.mark.parametrize("argv", [["-V"], ["--version"], ["serve", "--version"]])
+def test_version(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_command(argv, {})
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith("ratelimit ")
+
+
+# -- limitador-server ------------------------------------------------------------------------------
+
+
+def test_limitador_server_is_limitadors_command_line() -> None:
+    """The operator's arguments: `limitador-server --http-port 8080 --rls-port 8081 FILE redis $(URL)`."""
+    command = parse_command(
+        ["--rate-limit-headers", "DRAFT_VERSION_03", "--limit-name-in-labels", "-vvv", "--http-port", "8080",
+         "--rls-port", "8081", "--metric-labels-default", "descriptors[1]",
+         "/home/limitador/etc/limitador-config.yaml", "redis", "redis://redis:6379"], {}, limitador=True)
+    assert isinstance(command, Serve)
+    assert (command.config.limits_file, command.config.storage, command.config.log_level) == (
+        "/home/limitador/etc/limitador-config.yaml", "redis", "debug")
+
+
+def test_limitador_server_requires_a_limits_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_command([], {}, limitador=True)
+    assert exited.value.code == 2 and "LIMITS_FILE is required" in capsys.readouterr().err
+    assert parse_command(["--validate"], {"LIMITS_FILE": "a.yaml"}, limitador=True) == Validate("a.yaml")
 
 
 def test_limitador_form_without_command() -> None:
@@ -174,6 +293,12 @@ def test_usage_errors_exit_2(
 
 def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "serve" in usage_error([], capsys)
+
+
+def test_no_arguments_with_limits_file_in_the_environment_serves() -> None:
+    """`LIMITS_FILE=... ratelimit`, as a Limitador container is started."""
+    config = serve_config([], {"LIMITS_FILE": "/env/limits.yaml", "REDIS_URL": "redis://redis:6379"})
+    assert (config.limits_file, config.storage) == ("/env/limits.yaml", "redis")
 
 
 def test_main_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,15 +11,18 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI
 
 from ratelimit.engine import RateLimiter
-from ratelimit.metrics import Metrics, TimedStorage, load_custom_labels
+from ratelimit.limits import LimitsError
+from ratelimit.metrics import (
+    Metrics, MetricLabelsError, TimedStorage, load_custom_labels, parse_custom_labels, parse_default_labels,
+)
 from ratelimit.server.ext_proc import MeterConfigError, load_meter_config
 from ratelimit.server.grpc import GrpcServer
 from ratelimit.server.guards import (
@@ -27,6 +30,7 @@ from ratelimit.server.guards import (
 )
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
+from ratelimit.server.tracing import DecisionTracing
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, load_limits_file_contents
 from ratelimit.sources.maas import limits_from_files
 from ratelimit.storage.base import Storage
@@ -77,7 +81,10 @@ class ServiceConfig:
     rate_limit_headers: str = "NONE"
     limit_name_in_labels: bool = False
     custom_metric_labels: str | None = None
-    """`-L FILE`: YAML map of metric label -> CEL expression over `descriptors` (Limitador's option)."""
+    """`-L FILE`: YAML map of metric label -> CEL expression over `descriptors` (Limitador's option),
+    hot-reloaded like the limits file."""
+    metric_labels_default: str | None = None
+    """`--metric-labels-default EXPR`: CEL giving a map of labels for every call series."""
     metrics_total_suffix: bool = False
     """Name counters `<name>_total` (OpenMetrics style) instead of Limitador's bare names."""
     quota_metrics: bool = False
@@ -90,7 +97,11 @@ class ServiceConfig:
     ext_proc_config: str | None = None
     """`--ext-proc-config FILE`: how the ext_proc token meter maps requests to limits (server/ext_proc.py)."""
     log_level: str = "error"
-    """A uvicorn log level name: critical, error, warning, info, debug or trace."""
+    """One of ratelimit.logs.LEVELS: off, error, warning, info, debug, trace."""
+    structured_logs: bool = False
+    """JSON lines (`--structured-logs`)."""
+    tracing_endpoint: str = ""
+    """OTLP/gRPC collector for a span per decision (`--tracing-endpoint`); empty: no tracing."""
     reload_interval: float = DEFAULT_INTERVAL
     http_max_connections: int | None = None
     """Open HTTP connections allowed; None: what the open-file limit leaves (at most 10,000)."""
@@ -127,12 +138,14 @@ class HttpServer:
     name = "HTTP API"
 
     def __init__(
-        self, app: FastAPI, host: str, port: int, log_level: str, max_connections: int,
+        self, app: FastAPI | Any, host: str, port: int, max_connections: int,
         header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     ) -> None:
         self.address = f"{host}:{port}"
+        # No log config and no level of uvicorn's own: its loggers go through ratelimit.logs.
         config = uvicorn.Config(
-            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            app, host=host, port=port, log_config=None, log_level=None,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             http=guarded_http_protocol(max_connections, header_timeout),
             h11_max_incomplete_event_size=MAX_REQUEST_HEAD_BYTES,
         )
@@ -176,15 +189,48 @@ def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
     return Service(engine=engine, metrics=metrics, status=status, options=options), watcher
 
 
+class _CustomLabelsTarget:
+    """Where a reloaded `-L` file goes: the metrics' custom labels."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def configure_with(self, labels: dict[str, Any]) -> None:
+        self.metrics.set_custom_labels(labels)
+
+
+def _load_custom_labels_contents(files: Mapping[str, bytes]) -> dict[str, Any]:
+    [(source, data)] = files.items()
+    try:
+        return parse_custom_labels(data.decode("utf-8"), source)
+    except UnicodeDecodeError as exc:
+        raise LimitsError(source, f"not UTF-8: {exc}") from None
+    except MetricLabelsError as exc:
+        message = str(exc)
+        raise LimitsError(source, message.removeprefix(f"{source}: ")) from None
+
+
+def custom_labels_watcher(path: str, metrics: Metrics, interval: float) -> LimitsFileWatcher:
+    """Limitador reloads the `-L` file like the limits file; a bad version keeps the labels in use
+    and is logged (the file's own status is not in /status, which is the limits file's)."""
+    watcher = LimitsFileWatcher(
+        path, _CustomLabelsTarget(metrics), ConfigStatus(source=path), interval, _load_custom_labels_contents,
+        what="custom metric labels",
+    )
+    watcher.load()  # what build_metrics loaded: the watcher starts from that content
+    return watcher
+
+
 def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
     """Raises MetricLabelsError / CatalogError (ValueErrors) when a metrics file is invalid."""
     # The exporter is optional and outside the core: imported only where it is wired in.
     from exporter.service import install_model_catalog, install_quota_metrics
 
     custom_labels = load_custom_labels(config.custom_metric_labels) if config.custom_metric_labels else {}
+    default_labels = parse_default_labels(config.metric_labels_default) if config.metric_labels_default else None
     metrics = Metrics(
         limit_name_in_labels=config.limit_name_in_labels, custom_labels=custom_labels,
-        total_suffix=config.metrics_total_suffix,
+        default_labels=default_labels, total_suffix=config.metrics_total_suffix,
         limits_of=lambda namespace, descriptors: [c.limit for c in engine.counters_for(namespace, descriptors).counters],
     )
     if config.quota_metrics:
@@ -209,19 +255,25 @@ def build_storage(config: ServiceConfig) -> Storage:
     return TimedStorage(FailureMode(storage, config.on_storage_error))  # type: ignore[arg-type]
 
 
-def build_servers(service: Service, config: ServiceConfig) -> list[ManagedServer]:
+def build_servers(
+    service: Service, config: ServiceConfig, tracing: DecisionTracing | None = None
+) -> list[ManagedServer]:
+    """The HTTP and gRPC servers; with `tracing`, each decision runs in a span (and only then is
+    the tracing middleware / interceptor there at all)."""
     try:
         meter_config = load_meter_config(config.ext_proc_config)
     except MeterConfigError as error:
         raise ServerError(f"cannot start the ext_proc token meter: {error}") from None
     max_connections = config.http_max_connections or default_max_connections(raise_file_limit())
+    http_app: Any = create_http_app(service)
+    interceptors = []
+    if tracing is not None:
+        http_app = tracing.http_middleware(http_app)
+        interceptors.append(tracing.grpc_interceptor())
     servers: list[ManagedServer] = [
-        HttpServer(
-            create_http_app(service), config.http_ip, config.http_port, config.log_level, max_connections,
-            config.http_header_timeout,
-        ),
+        HttpServer(http_app, config.http_ip, config.http_port, max_connections, config.http_header_timeout),
         GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS,
-                   meter_config=meter_config),
+                   meter_config=meter_config, interceptors=interceptors),
     ]
     return servers
 
@@ -236,17 +288,25 @@ async def run_service(config: ServiceConfig) -> None:
     """Load the limits, then serve until SIGTERM / SIGINT. Raises LimitsError or ServerError."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     service, watcher = build_service(config)
+    watchers = [watcher]
+    if config.custom_metric_labels:
+        watchers.append(custom_labels_watcher(config.custom_metric_labels, service.metrics, config.reload_interval))
+    tracing = DecisionTracing(config.tracing_endpoint) if config.tracing_endpoint else None
     try:
-        servers = build_servers(service, config)
+        servers = build_servers(service, config, tracing)
         logger.info(
-            "serving %d limits from %s; HTTP on %s:%d, gRPC on %s:%d",
-            len(service.engine.all_limits()), config.limits_file, config.http_ip, config.http_port,
-            config.rls_ip, config.rls_port,
+            "serving %d limits from %s with %s storage; HTTP on %s:%d, gRPC on %s:%d%s",
+            len(service.engine.all_limits()), config.limits_file, config.storage, config.http_ip, config.http_port,
+            config.rls_ip, config.rls_port, f"; spans to {config.tracing_endpoint}" if tracing else "",
         )
-        async with watcher:
+        async with contextlib.AsyncExitStack() as running:
+            for watcher in watchers:
+                await running.enter_async_context(watcher)
             await serve_until_signalled(servers)
     finally:
         await service.engine.storage.close()
+        if tracing is not None:
+            await asyncio.to_thread(tracing.shutdown)
 
 
 async def serve_until_signalled(servers: Sequence[ManagedServer]) -> None:

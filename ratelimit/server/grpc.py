@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -130,10 +130,12 @@ class GrpcServer:
 
     def __init__(
         self, service: Service, host: str, port: int, reflection: bool = False, grace: float = 10.0,
-        meter_config: MeterConfig | None = None,
+        meter_config: MeterConfig | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
         self.service = service
         self.meter_config = meter_config or MeterConfig()
+        self.interceptors = list(interceptors)
+        """Only when asked for (tracing): grpc.aio runs even a pass-through interceptor per call."""
         self.address = f"{host}:{port}"
         self.reflection = reflection
         self.grace = grace
@@ -144,7 +146,7 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
 
     async def serve(self) -> None:
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=self.interceptors or None)
         server.add_generic_rpc_handlers(rate_limit_handlers(self.service))
         server.add_generic_rpc_handlers([ext_proc_handler(self.service, self.meter_config)])
         health = health_aio.HealthServicer()

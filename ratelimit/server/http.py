@@ -398,6 +398,11 @@ def create_http_app(service: Service) -> FastAPI:
         responses=_UNAUTHORIZED if token else {},
     )
 
+    @app.get("/api/spec", include_in_schema=False)
+    async def api_spec() -> JSONResponse:
+        """Limitador's path for its API document (Swagger 2.0 there, this OpenAPI 3.1 one here)."""
+        return JSONResponse(app.openapi())
+
     @app.get("/status", response_model=StatusBody, tags=["service"])
     async def status() -> dict[str, Any]:
         config = service.status

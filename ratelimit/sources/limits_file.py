@@ -18,7 +18,8 @@ from the last content seen, so a `touch` or a ConfigMap resync with the same dat
 A directory is watched the same way, file by file: its YAML files' fingerprints together are the
 directory's, and the content hash covers every file, so adding, removing or changing any of them
 is a change. What the content means is the loader's business: by default a Limitador limits file,
-for `--maas` the MaaS custom resources translated (ratelimit.sources.maas).
+for `--maas` the MaaS custom resources translated (ratelimit.sources.maas). What is configured
+with the result is the target's: the engine by default, the metrics' `-L` labels for a labels file.
 
 Polling costs one stat per file per interval, needs no extra dependency and also works where inotify does
 not (NFS, some container overlays); kubelet itself only syncs ConfigMaps every minute or so, so a
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError, parse_limits
@@ -55,8 +57,15 @@ _MISSING_DIGEST = b"missing"
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
-Loader = Callable[[Mapping[str, bytes]], list[Limit]]
-"""Limits from the watched files' contents (path -> bytes); raises LimitsError."""
+Loader = Callable[[Mapping[str, bytes]], Any]
+"""What the target is configured with (limits, by default), from the watched files' contents
+(path -> bytes); raises LimitsError."""
+
+
+class Configurable(Protocol):
+    """What a watcher keeps configured: a RateLimiter, or anything else with `configure_with`."""
+
+    def configure_with(self, config: Any, /) -> object: ...
 
 
 def load_limits_file_contents(files: Mapping[str, bytes]) -> list[Limit]:
@@ -107,8 +116,8 @@ class LimitsFileWatcher:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], engine: RateLimiter, status: ConfigStatus, interval: float = DEFAULT_INTERVAL,
-        loader: Loader = load_limits_file_contents,
+        self, path: str | os.PathLike[str], engine: RateLimiter | Configurable, status: ConfigStatus,
+        interval: float = DEFAULT_INTERVAL, loader: Loader = load_limits_file_contents, what: str = "limits",
     ) -> None:
         if interval <= 0:
             raise ValueError(f"reload interval must be positive, got {interval}")
@@ -117,6 +126,8 @@ class LimitsFileWatcher:
         self.status = status
         self.interval = interval
         self.loader = loader
+        self.what = what
+        """What the file holds, for the log: "limits", "custom metric labels"."""
         self._fingerprint: tuple[_Fingerprint, ...] | _Missing | None = None
         self._settling = False
         self._digest: bytes | None = None
@@ -125,7 +136,7 @@ class LimitsFileWatcher:
 
     # -- loading ---------------------------------------------------------------------------------
 
-    def load(self) -> list[Limit]:
+    def load(self) -> Any:
         """Read, parse and apply the file now; raises LimitsError and leaves everything as it was."""
         self._fingerprint = self._stat()
         try:
@@ -201,7 +212,7 @@ class LimitsFileWatcher:
             time.time() - file.mtime_ns / 1e9 < _RACY_SECONDS for file in fingerprint
         )
 
-    def _read(self) -> tuple[bytes, list[Limit]]:
+    def _read(self) -> tuple[bytes, Any]:
         """The content's hash and limits. Reads once, so the hash is of exactly what was parsed."""
         files: dict[str, bytes] = {}
         digest = hashlib.sha256()
@@ -225,8 +236,9 @@ class LimitsFileWatcher:
         except LimitsError as exc:
             raise _RejectedContent(digest.digest(), exc) from None
 
-    def _apply(self, digest: bytes, limits: list[Limit]) -> None:
-        before = len(self.engine.all_limits())
+    def _apply(self, digest: bytes, limits: Any) -> None:
+        # Only an engine has limits to lose; another target (the -L labels) has no such warning.
+        before = len(self.engine.all_limits()) if isinstance(self.engine, RateLimiter) else 0
         self.engine.configure_with(limits)
         self._digest = digest
         self.status.applied()
@@ -239,7 +251,7 @@ class LimitsFileWatcher:
             )
             return
         logger.info(
-            "applied %d limits from %s (config version %d)", len(limits), self.path, self.status.config_version
+            "applied %d %s from %s (config version %d)", len(limits), self.what, self.path, self.status.config_version
         )
 
     def _reject(self, digest: bytes, error: LimitsError) -> bool:
@@ -247,7 +259,7 @@ class LimitsFileWatcher:
             return False  # already reported this very content
         self._digest = digest
         self.status.failed(str(error))
-        logger.error("limits file rejected, keeping the previous limits: %s", error)
+        logger.error("%s file rejected, keeping the previous %s: %s", self.what, self.what, error)
         return False
 
     # -- running ---------------------------------------------------------------------------------
@@ -288,5 +300,5 @@ class _RejectedContent(Exception):
         self.error = error
 
 
-_Outcome = tuple[bytes, list[Limit]] | _RejectedContent | None
+_Outcome = tuple[bytes, Any] | _RejectedContent | None
 """What one look at the file found: content to apply (hash, limits), content to reject, or nothing new."""
