@@ -99,7 +99,7 @@ def test_dockerfile_is_slim_non_root_with_healthcheck_and_serve_entrypoint() -> 
 
 
 def test_dockerfile_install_steps_in_a_fresh_venv(tmp_path: Path) -> None:
-    """SLOW (about a minute; pip reaches PyPI, or its cache): copies what the Dockerfile COPYs, runs
+    """SLOW (a minute or more; pip reaches PyPI, or its cache): copies what the Dockerfile COPYs, runs
     deploy/install.sh on it as the image build does, then uses the installed `ratelimit`."""
     source = tmp_path / "src"
     for name, value in dockerfile_instructions():
@@ -115,7 +115,7 @@ def test_dockerfile_install_steps_in_a_fresh_venv(tmp_path: Path) -> None:
                     shutil.copy2(REPO / origin, target)
     venv = tmp_path / "venv"
     done = subprocess.run(["sh", str(source / "deploy" / "install.sh"), str(source), str(venv)],
-                          capture_output=True, text=True, timeout=110)
+                          capture_output=True, text=True, timeout=600)  # generous: 2 shared cores
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     validated = subprocess.run([str(venv / "bin" / "ratelimit"), "validate", str(EXAMPLES / "tiers.yaml")],
                                capture_output=True, text=True, cwd=tmp_path)
