@@ -50,8 +50,9 @@ EVENT_LOGGERS = (
 )
 """Loggers whose INFO records are shown at any level but `off` (see the module's docstring)."""
 
-# Fields of a LogRecord that are not extra fields given with `extra=`.
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+# Fields of a LogRecord that are not extra fields given with `extra=` (uvicorn's `color_message` is
+# its message again, with terminal colours).
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 
 
 def verbosity_level(count: int) -> str:
@@ -125,6 +126,8 @@ def configure_logging(level: str, structured: bool = False, stream: IO[str] | No
             library.removeHandler(existing)
         library.propagate = True
         library.setLevel(logging.NOTSET)
+    # numba's debug output is its compiler's bytecode dumps: only its warnings concern an operator.
+    logging.getLogger("numba").setLevel(logging.WARNING)
     # A request log line per request only at trace (-vvvv), as Limitador's per-request spans.
     logging.getLogger("uvicorn.access").setLevel(logging.DEBUG if level == "trace" else logging.CRITICAL + 10)
     for name in EVENT_LOGGERS:

@@ -29,7 +29,8 @@ from ratelimit.tools.processes import free_ports, stop_process
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
-STARTUP_TIMEOUT = 30.0
+# Generous: a first start after a kernel change compiles the numba kernels (a minute on 2 busy cores).
+STARTUP_TIMEOUT = 120.0
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
