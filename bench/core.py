@@ -52,7 +52,6 @@ DAILY_CAP = 1_000_000_000
 """The 24h budget. The 1m and 1h windows allow twice as much, so only an exhausted daily cap ever
 denies (the usual way a token quota runs out), and a denied request passes the first two windows."""
 USERS = 10_000
-BATCH = 10_000
 SEED = 20_260_611
 SETTLE_SECONDS = 0.05
 """Pause before each timed pass, so background work of the previous one (limits' 10 ms expiry timer)
@@ -228,25 +227,6 @@ def single_call_contestant(loop: asyncio.AbstractEventLoop, deny_half: bool) -> 
     return make_pass
 
 
-def batch_contestant(loop: asyncio.AbstractEventLoop, deny_half: bool) -> MakePass:
-    """`engine.check_and_report_many` over batches of BATCH requests: the in-process fast path."""
-    engine = our_engine(loop, deny_half)
-
-    def make_pass(requests: list[Descriptors]) -> Callable[[], int]:
-        batches = [requests[i : i + BATCH] for i in range(0, len(requests), BATCH)]
-        deltas = [np.ones(len(batch), dtype=np.int64) for batch in batches]
-
-        async def decide_all() -> int:
-            denied = 0
-            for batch, batch_deltas in zip(batches, deltas, strict=True):
-                denied += int(np.count_nonzero(await engine.check_and_report_many(NAMESPACE, batch, batch_deltas)))
-            return denied
-
-        return lambda: loop.run_until_complete(decide_all())
-
-    return make_pass
-
-
 def bench_p1(config: Config) -> list[Row]:
     users = request_stream(config.p1_requests)
     loop = asyncio.new_event_loop()
@@ -255,8 +235,7 @@ def bench_p1(config: Config) -> list[Row]:
         contestants = [
             contestant
             for deny_half in variants
-            for contestant in (limits_contestant(deny_half), single_call_contestant(loop, deny_half),
-                               batch_contestant(loop, deny_half))
+            for contestant in (limits_contestant(deny_half), single_call_contestant(loop, deny_half))
         ]
         prepares = [lambda make_pass=make_pass: make_pass(build_requests(users)) for make_pass in contestants]
         timings = measure_side_by_side(prepares, int, config.p1_requests, config.p1_repeats)
@@ -264,12 +243,11 @@ def bench_p1(config: Config) -> list[Row]:
         loop.close()
     rows = []
     for k in range(len(variants)):
-        baseline, single, batched = timings[3 * k : 3 * k + 3]
+        baseline, single = timings[2 * k : 2 * k + 2]
         rows.append(rate_row("P1", "limits FixedWindow + memory, 3 hit()/request", baseline, None, "baseline", None))
-        for what, timing in (("ours, await check_and_report() per request", single),
-                             (f"ours, check_and_report_many() in batches of {BATCH:,}", batched)):
-            ratio = timing.median_rate / baseline.median_rate
-            rows.append(rate_row("P1", what, timing, ratio, ">= 10x limits", ratio >= 10))
+        ratio = single.median_rate / baseline.median_rate
+        rows.append(rate_row("P1", "ours, await check_and_report() per request", single, ratio, ">= 10x limits",
+                             ratio >= 10))
     return rows
 
 
@@ -278,7 +256,7 @@ def bench_p1(config: Config) -> list[Row]:
 
 def kernel_contestant(config: Config, deny_half: bool) -> Callable[[], Callable[[], np.ndarray]]:
     """A table of USERS x 3 live counters, one plan (row list) per user, and a pre-built batch of
-    requests naming their user's plan, laid out as MemoryStorage.check_and_update_batch lays them out."""
+    requests naming their user's plan, in the kernel's own plan layout (see kernels.decide)."""
     windows = len(WINDOWS)
     now = _now_ms()
     table = np.zeros((USERS * windows, kernels.ROW_WIDTH), dtype=np.int64)
@@ -328,15 +306,17 @@ P5_WARMUP_USERS = 1_000
 
 
 def build_our_counters(users: int, batch: int) -> tuple[object, int]:
-    """users x 3 live counters through the engine's batch API, then the descriptor memo forgotten
-    (a reload with the same limits keeps every counter), so only the storage is left."""
+    """users x 3 live counters through the engine, then the descriptor memo forgotten (a reload
+    with the same limits keeps every counter), so only the storage is left."""
     engine = RateLimiter(MemoryStorage(), stacked_limits(P5_WINDOWS))
     loop = asyncio.new_event_loop()
+
+    async def charge(requests: list[Descriptors]) -> None:
+        for descriptors in requests:
+            await engine.check_and_report(NAMESPACE, descriptors, 1)
+
     for start in range(0, users, batch):
-        requests = build_requests(range(start, min(users, start + batch)))
-        loop.run_until_complete(
-            engine.check_and_report_many(NAMESPACE, requests, np.ones(len(requests), dtype=np.int64))
-        )
+        loop.run_until_complete(charge(build_requests(range(start, min(users, start + batch)))))
     loop.close()
     engine.configure_with(engine.all_limits())
     storage = engine.storage

@@ -20,7 +20,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from exporter.catalog import CatalogCollector, CatalogError, load_catalog
+from exporter.catalog import CatalogCollector
 from exporter.quota import DEFAULT_TOP_N, QuotaCollector
 from exporter.service import engine_counters
 from ratelimit.engine import RateLimiter
@@ -29,6 +29,7 @@ from ratelimit.metrics import MetricLabelsError, load_custom_labels
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import MemoryStorage
 from ratelimit.storage.redis import RedisStorage
+from ratelimit.sources.maas_naming import CatalogError, load_catalog
 
 Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]

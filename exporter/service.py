@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from exporter.catalog import CatalogCollector, load_catalog
+from exporter.catalog import CatalogCollector
 from exporter.quota import DEFAULT_TOP_N, QuotaCollector, ReadCounters
 from ratelimit.cel import Expression
 from ratelimit.counters import CounterStatus
 from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics
+from ratelimit.sources.maas_naming import load_catalog
 
 
 LISTING_PAGE = 250

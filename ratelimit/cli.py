@@ -23,13 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import TypeVar
 
-from exporter.catalog import CatalogError
 from ratelimit import logs
 from ratelimit.limits import LimitsError, dump_limits, load_limits_file
 from ratelimit.metrics import MetricLabelsError, parse_default_labels
-from ratelimit.server.app import RATE_LIMIT_HEADER_MODES, STORAGES, ServiceConfig, ServerError, run_service
+from ratelimit.server.app import RATE_LIMIT_HEADER_MODES, STORAGES, ServiceConfig, run_service
+from ratelimit.server.errors import ServerError
 from ratelimit.server.guards import DEFAULT_HEADER_TIMEOUT
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL
+from ratelimit.sources.maas_naming import CatalogError
 from ratelimit.storage.redis import DEFAULT_TIMEOUT
 from ratelimit.storage.redis_cached import DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_PERIOD, DEFAULT_MAX_CACHED
 from ratelimit.storage.redis_client import parse_url

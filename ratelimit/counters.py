@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 from ratelimit.limits import Limit
 
@@ -75,19 +76,63 @@ class CounterStatus:
         }
 
 
-@dataclass(slots=True)
-class Authorization:
-    """A storage's answer to one decision over all counters of a request."""
+def tightest(statuses: Iterable[CounterStatus]) -> CounterStatus | None:
+    """The counter that binds first: least remaining; between equals, the one resetting last binds
+    longest; then the first given."""
+    return min(statuses, key=lambda status: (status.remaining, -status.expires_in), default=None)
 
-    limited_by: Counter | None
-    """The first counter that would exceed its limit, or None when the request is within limits."""
-    counters: list[CounterStatus]
+
+def rate_limit_headers(statuses: Sequence[CounterStatus]) -> dict[str, str]:
+    """Draft-03 `X-RateLimit-*` headers in Limitador's format: the tightest counter's figures, then
+    every window, least remaining first."""
+    binding = tightest(statuses)
+    if binding is None:
+        return {}
+    windows = []
+    for status in sorted(statuses, key=lambda status: status.remaining):
+        entry = f"{status.limit.max_value};w={status.limit.seconds}"
+        if status.limit.name:
+            # A '"' would end the quoted string early; Limitador writes it as "'".
+            entry += ';name="{}"'.format(status.limit.name.replace('"', "'"))
+        windows.append(entry)
+    return {
+        "X-RateLimit-Limit": ", ".join([str(binding.limit.max_value), *windows]),
+        "X-RateLimit-Remaining": str(binding.remaining),
+        "X-RateLimit-Reset": str(int(binding.expires_in + 0.999)),
+    }
+
+
+@dataclass(slots=True)
+class Decision:
+    """The answer to one decision over all counters of a request, from the storage through the engine."""
+
+    limited_by: Limit | None = None
+    """The first limit whose counter lacks room, or None when the request is within limits."""
+    counters: list[CounterStatus] = field(default_factory=list)
     """Every counter's state after the decision (empty unless the caller asked to load counters)."""
-    reservation_id: str | None = None
 
     @property
     def limited(self) -> bool:
         return self.limited_by is not None
+
+    def rate_limit_headers(self) -> dict[str, str]:
+        return rate_limit_headers(self.counters)
+
+
+@dataclass(slots=True)
+class Reservation(Decision):
+    """reserve's answer: a decision, and when admitted the id that commit releases."""
+
+    reservation_id: str | None = None
+
+
+@dataclass(slots=True)
+class Commit:
+    """commit's answer: whether the reservation was still held (False when it had expired or was
+    unknown: the amount is charged all the same), and the counters' states."""
+
+    held: bool
+    counters: list[CounterStatus] = field(default_factory=list)
 
 
 class StorageError(RuntimeError):

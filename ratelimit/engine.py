@@ -11,12 +11,11 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ratelimit.counters import Counter, CounterStatus
-from ratelimit.limits import Limit
+from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation
+from ratelimit.limits import Limit, unique_limits
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
 
 # Input bounds: a request beyond these is a mistake or an attack, never a real gateway call.
@@ -56,35 +55,6 @@ class InvalidCursor(InvalidRequest):
         super().__init__("cursor", message)
 
 
-@dataclass(slots=True)
-class Decision:
-    limited: bool
-    limited_by: Limit | None = None
-    counters: list[CounterStatus] = field(default_factory=list)
-    reservation_id: str | None = None
-    reservation_held: bool | None = None
-    """For commit: whether the reservation was still held (False when it had expired or was unknown)."""
-
-    def rate_limit_headers(self) -> dict[str, str]:
-        """Draft-03 `X-RateLimit-*` headers in Limitador's format, from the counter with least left."""
-        if not self.counters:
-            return {}
-        ordered = sorted(self.counters, key=lambda status: status.remaining)
-        tightest = ordered[0]
-        windows = []
-        for status in ordered:
-            entry = f"{status.limit.max_value};w={status.limit.seconds}"
-            if status.limit.name:
-                # A '"' would end the quoted string early; Limitador writes it as "'".
-                entry += ';name="{}"'.format(status.limit.name.replace('"', "'"))
-            windows.append(entry)
-        return {
-            "X-RateLimit-Limit": ", ".join([str(tightest.limit.max_value), *windows]),
-            "X-RateLimit-Remaining": str(tightest.remaining),
-            "X-RateLimit-Reset": str(int(tightest.expires_in + 0.999)),
-        }
-
-
 class RateLimiter:
     def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
         self.storage = storage
@@ -97,12 +67,12 @@ class RateLimiter:
 
     def configure_with(self, limits: Iterable[Limit]) -> None:
         """Replace the limits. Counters of limits whose identity is unchanged are kept."""
-        by_namespace: dict[str, dict[tuple, Limit]] = {}
-        for limit in limits:
-            by_namespace.setdefault(limit.namespace, {}).setdefault(limit.identity, limit)
-        flat = [limit for group in by_namespace.values() for limit in group.values()]
-        self.storage.configure(flat)
-        self._limits_by_namespace = {ns: tuple(group.values()) for ns, group in by_namespace.items()}
+        unique = unique_limits(limits)
+        self.storage.configure(unique)
+        by_namespace: dict[str, list[Limit]] = {}
+        for limit in unique:
+            by_namespace.setdefault(limit.namespace, []).append(limit)
+        self._limits_by_namespace = {ns: tuple(group) for ns, group in by_namespace.items()}
         self._memo = {}
         self._memo_bytes = 0
 
@@ -175,49 +145,34 @@ class RateLimiter:
         """Read-only: within limits while every counter has room for `delta` (0 counts as 1: a pure
         check passes while any budget is left)."""
         counters = self.counters_for(namespace, descriptors)
-        answer = await self.storage.is_within_limits(counters, max(1, _checked_delta(delta)))
-        return _decision(answer)
+        return await self.storage.is_within_limits(counters, max(1, _checked_delta(delta)))
 
     async def report(self, namespace: str, descriptors: Descriptors, delta: int) -> Decision:
-        """Charge `delta` to every applicable counter, even past the limit (the overshoot is kept)."""
+        """Charge `delta` to every applicable counter, even past the limit (the overshoot is kept);
+        never limited."""
         counters = self.counters_for(namespace, descriptors)
         answer = await self.storage.update_counters(counters, _checked_delta(delta))
-        return Decision(False, None, answer.counters)
+        return Decision(None, answer.counters)
 
     async def check_and_report(
         self, namespace: str, descriptors: Descriptors, delta: int = 1, load_counters: bool = False
     ) -> Decision:
         """Atomically: limited (charging nothing) if any counter lacks room for `delta`, else charge all."""
         counters = self.counters_for(namespace, descriptors)
-        answer = await self.storage.check_and_update(counters, _checked_delta(delta), load_counters)
-        return _decision(answer)
+        return await self.storage.check_and_update(counters, _checked_delta(delta), load_counters)
 
-    async def check_and_report_many(
-        self, namespace: str, requests: Sequence[Descriptors], deltas: Sequence[int] | np.ndarray
-    ) -> np.ndarray:
-        """`check_and_report` for many requests in order (each atomic); True where limited."""
-        delta_array = np.asarray(deltas, dtype=np.int64)
-        if delta_array.shape != (len(requests),):
-            raise InvalidRequest("deltas", f"expected {len(requests)} deltas, got shape {delta_array.shape}")
-        if len(delta_array) and (delta_array.min() < 0 or delta_array.max() > MAX_DELTA):
-            raise InvalidRequest("deltas", f"every delta must be between 0 and {MAX_DELTA}")
-        counters_for = self.counters_for
-        sets = [counters_for(namespace, descriptors) for descriptors in requests]
-        return await self.storage.check_and_update_batch(sets, delta_array)
-
-    async def reserve(self, namespace: str, descriptors: Descriptors, amount: int, ttl_seconds: float) -> Decision:
-        """Hold `amount` on every counter if it fits; the decision carries the reservation id.
+    async def reserve(self, namespace: str, descriptors: Descriptors, amount: int, ttl_seconds: float) -> Reservation:
+        """Hold `amount` on every counter if it fits; the answer carries the reservation id.
         An amount of 0 holds 1: holding nothing would admit a caller whose budget is spent."""
         if not 0 < ttl_seconds <= MAX_RESERVATION_TTL:
             raise InvalidRequest("ttl_seconds", f"must be more than 0 and at most {MAX_RESERVATION_TTL:g} seconds")
         counters = self.counters_for(namespace, descriptors)
         answer = await self.storage.reserve(counters, max(1, _checked_delta(amount, "amount")), ttl_seconds)
-        decision = _decision(answer)
         if answer.reservation_id is not None:
-            decision.reservation_id = f"{answer.reservation_id}{_DIGEST_SEPARATOR}{_request_digest(namespace, descriptors)}"
-        return decision
+            answer.reservation_id = f"{answer.reservation_id}{_DIGEST_SEPARATOR}{_request_digest(namespace, descriptors)}"
+        return answer
 
-    async def commit(self, namespace: str, descriptors: Descriptors, reservation_id: str, actual: int) -> Decision:
+    async def commit(self, namespace: str, descriptors: Descriptors, reservation_id: str, actual: int) -> Commit:
         """Replace a reservation by the amount really used. The amount is charged even when the
         reservation has expired meanwhile: tokens spent are never lost.
 
@@ -233,10 +188,9 @@ class RateLimiter:
                 "was reserved for another namespace or other descriptors; commit with those of its reserve",
             )
         counters = self.counters_for(namespace, descriptors)
-        held, answer = await self.storage.commit(
+        return await self.storage.commit(
             storage_id if separator else reservation_id, counters, _checked_delta(actual, "actual")
         )
-        return Decision(False, None, answer.counters, reservation_id, held)
 
     async def get_counters(self, namespace: str) -> list[CounterStatus]:
         return await self.storage.get_counters(self.get_limits(namespace))
@@ -267,11 +221,6 @@ def _memo_key(namespace: str, descriptors: Descriptors) -> tuple:
     if len(descriptors) == 1:
         return (namespace, tuple(descriptors[0].items()))
     return (namespace, *[tuple(d.items()) for d in descriptors])
-
-
-def _decision(answer) -> Decision:  # type: ignore[no-untyped-def]
-    limited_by = answer.limited_by.limit if answer.limited_by is not None else None
-    return Decision(answer.limited, limited_by, answer.counters)
 
 
 def _checked_delta(delta: int, field_name: str = "delta") -> int:

@@ -16,9 +16,10 @@ hot-reloaded ConfigMap has nothing else to go on.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import yaml
 
@@ -29,6 +30,8 @@ MAX_LIMIT_VALUE = 2**53
 # One window may last at most ten years: longer is surely a unit mistake.
 MAX_WINDOW_SECONDS = 10 * 365 * 86400
 
+C = TypeVar("C", Predicate, Expression)
+
 KNOWN_FIELDS = ("namespace", "max_value", "seconds", "name", "id", "conditions", "variables")
 
 # libyaml's parser when PyYAML was built with it (Debian's and the PyPI wheels are): ~10x faster than
@@ -36,13 +39,29 @@ KNOWN_FIELDS = ("namespace", "max_value", "seconds", "name", "id", "conditions",
 YAML_LOADER: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class InvalidLimit(ValueError):
+    """A limit breaking a rule of its own; names the field (`conditions[1]` for an item) and why."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+Identity = tuple[str, int, tuple[str, ...], tuple[str, ...]]
+
+
 @dataclass(frozen=True, eq=False)
 class Limit:
     """A quota of `max_value` per fixed window of `seconds`, for the requests its conditions select.
 
     Conditions and variables are kept sorted and de-duplicated (Limitador keeps them in ordered
-    sets), so two spellings of the same limit have the same identity. Compare limits by `identity`;
-    `==` and hashing are by object, which keeps dictionaries keyed by Limit cheap on the hot path.
+    sets), so two spellings of the same limit have the same identity. Limits compare and hash by
+    `identity` (namespace, seconds, conditions, variables): a reload that changes only max_value or
+    name is the same limit and keeps its counters. The hash is computed once, at construction.
+
+    A Limit checks its own fields and compiles its CEL once, here: InvalidLimit names the field
+    (`conditions[i]` counts in the order given).
     """
 
     namespace: str
@@ -52,23 +71,38 @@ class Limit:
     variables: tuple[str, ...] = ()
     name: str | None = None
     id: str | None = None
+    identity: Identity = field(init=False, repr=False)
+    predicates: tuple[Predicate, ...] = field(init=False, repr=False)
+    expressions: tuple[Expression, ...] = field(init=False, repr=False)
+    _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "conditions", tuple(sorted(set(self.conditions))))
-        object.__setattr__(self, "variables", tuple(sorted(set(self.variables))))
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise InvalidLimit("namespace", "must not be empty")
+        _check_whole("max_value", self.max_value, 0, MAX_LIMIT_VALUE)
+        _check_whole("seconds", self.seconds, 1, MAX_WINDOW_SECONDS)
+        predicates = _compiled("conditions", self.conditions, compile_predicate)
+        expressions = _compiled("variables", self.variables, compile_expression)
+        conditions = tuple(sorted(predicates))
+        variables = tuple(sorted(expressions))
+        identity = (self.namespace, self.seconds, conditions, variables)
+        set_field = object.__setattr__  # frozen: fields are set once, here
+        set_field(self, "conditions", conditions)
+        set_field(self, "variables", variables)
+        set_field(self, "predicates", tuple(predicates[c] for c in conditions))
+        set_field(self, "expressions", tuple(expressions[v] for v in variables))
+        set_field(self, "identity", identity)
+        set_field(self, "_hash", hash(identity))
 
-    @property
-    def identity(self) -> tuple[str, int, tuple[str, ...], tuple[str, ...]]:
-        """What makes two limits the same limit: a reload changing only max_value/name keeps counters."""
-        return (self.namespace, self.seconds, self.conditions, self.variables)
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Limit):
+            return NotImplemented
+        return self._hash == other._hash and self.identity == other.identity
 
-    @cached_property
-    def predicates(self) -> tuple[Predicate, ...]:
-        return tuple(compile_predicate(c) for c in self.conditions)
-
-    @cached_property
-    def expressions(self) -> tuple[Expression, ...]:
-        return tuple(compile_expression(v) for v in self.variables)
+    def __hash__(self) -> int:
+        return self._hash
 
     @cached_property
     def cel_binding(self) -> dict[str, str | None]:
@@ -86,6 +120,32 @@ class Limit:
             "conditions": list(self.conditions),
             "variables": list(self.variables),
         }
+
+
+def unique_limits(limits: Iterable[Limit]) -> list[Limit]:
+    """The first limit of each identity, in order: Limitador's limits are a set keyed by identity."""
+    return list(dict.fromkeys(limits))
+
+
+def _check_whole(field_name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidLimit(field_name, f"must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidLimit(field_name, f"must be between {low} and {high}, got {value}")
+
+
+def _compiled(field_name: str, sources: Iterable[str], compile_: Callable[[str], C]) -> dict[str, C]:
+    """Each distinct CEL text compiled once, by text; errors name the item in the order given."""
+    compiled: dict[str, C] = {}
+    for i, text in enumerate(sources):
+        if not isinstance(text, str):
+            raise InvalidLimit(f"{field_name}[{i}]", f"must be a CEL string, got {text!r}")
+        if text not in compiled:
+            try:
+                compiled[text] = compile_(text)
+            except CelError as exc:
+                raise InvalidLimit(f"{field_name}[{i}]", str(exc)) from None
+    return compiled
 
 
 @dataclass
@@ -133,32 +193,28 @@ class _LimitBuilder:
                 raise self.error("given twice", key_node, key)
             self.values[key] = (_construct(self.constructor, value_node), value_node)
 
-        namespace = self._string("namespace", required=True)
-        if not namespace:
-            raise self.error("must not be empty", self.values["namespace"][1], "namespace")
-        max_value = self._integer("max_value", 0, MAX_LIMIT_VALUE)
-        seconds = self._integer("seconds", 1, MAX_WINDOW_SECONDS)
-        conditions = self._strings("conditions")
-        variables = self._strings("variables")
-        for field_name, sources, compile_ in (
-            ("conditions", conditions, compile_predicate),
-            ("variables", variables, compile_expression),
-        ):
-            for i, text in enumerate(sources):
-                try:
-                    compile_(text)
-                except CelError as exc:
-                    item_node = self.values[field_name][1].value[i]
-                    raise self.error(str(exc), item_node, f"{field_name}[{i}]") from None
-        return Limit(
-            namespace=namespace,
-            max_value=max_value,
-            seconds=seconds,
-            conditions=tuple(conditions),
-            variables=tuple(variables),
-            name=self._string("name"),
-            id=self._string("id"),
-        )
+        try:
+            return Limit(
+                namespace=self._string("namespace", required=True),
+                max_value=self._integer("max_value"),
+                seconds=self._integer("seconds"),
+                conditions=tuple(self._strings("conditions")),
+                variables=tuple(self._strings("variables")),
+                name=self._string("name"),
+                id=self._string("id"),
+            )
+        except InvalidLimit as exc:
+            raise self.error(exc.message, self._node_of(exc.field), exc.field) from None
+
+    def _node_of(self, field_name: str) -> yaml.Node | None:
+        """The node an InvalidLimit's field names: `conditions[2]` is the third item of the list."""
+        name, _, item = field_name.partition("[")
+        if name not in self.values:
+            return None
+        node = self.values[name][1]
+        if item and isinstance(node, yaml.SequenceNode):
+            return cast(yaml.Node, node.value[int(item.rstrip("]"))])
+        return node
 
     def _string(self, name: str, required: bool = False) -> Any:
         if name not in self.values:
@@ -172,14 +228,13 @@ class _LimitBuilder:
             raise self.error(f"must be a string, got {_describe(node)}", node, name)
         return value
 
-    def _integer(self, name: str, low: int, high: int) -> int:
+    def _integer(self, name: str) -> int:
+        """A whole number (its range is the Limit's rule)."""
         if name not in self.values:
             raise self.error("is required", field_name=name)
         value, node = self.values[name]
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(f"must be a whole number, got {_describe(node)}", node, name)
-        if not low <= value <= high:
-            raise self.error(f"must be between {low} and {high}, got {value}", node, name)
         return value
 
     def _strings(self, name: str) -> list[str]:
@@ -229,12 +284,10 @@ def parse_limits(text: str, source: str = "<limits>") -> list[Limit]:
         return []
     if not isinstance(root, yaml.SequenceNode):
         raise LimitsError(source, f"expected a list of limits, got {_describe(root)}", line=root.start_mark.line + 1)
-    limits: dict[tuple, Limit] = {}
     constructor = yaml.constructor.SafeConstructor()
-    for index, node in enumerate(root.value):
-        limit = _LimitBuilder(source, index, node, constructor).build()
-        limits.setdefault(limit.identity, limit)
-    return list(limits.values())
+    return unique_limits(
+        _LimitBuilder(source, index, node, constructor).build() for index, node in enumerate(root.value)
+    )
 
 
 def load_limits_file(path: str | os.PathLike[str]) -> list[Limit]:

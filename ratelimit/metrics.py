@@ -307,8 +307,8 @@ T = TypeVar("T")
 
 class TimedStorage(StorageWrapper):
     """Any storage, with each decision's wall time observed into `latency` (`datastore_latency`,
-    register it on `Metrics.registry`). One observation per call to the wrapped storage, so a
-    batch (one Lua round trip) counts once. Failures and timeouts are observed too: a slow or
+    register it on `Metrics.registry`). One observation per call to the wrapped storage.
+    Failures and timeouts are observed too: a slow or
     unreachable Redis is what the histogram is for. Listing counters is not a decision and is
     not timed (a quota scrape would otherwise skew it).
 
@@ -329,3 +329,23 @@ class TimedStorage(StorageWrapper):
             return await decision
         finally:
             self.latency.observe(time.perf_counter() - start)
+
+
+class StorageHealth:
+    """A /metrics collector: `datastore_partitioned` (gauge: 1 while the storage cannot reach Redis,
+    Limitador's name) and `datastore_errors` (counter: decisions the storage could not answer,
+    answered per --on-storage-error).
+
+    Storages keep only plain state (`partitioned`, `errors` attributes, forwarded by wrappers); this
+    collector reads it at scrape time, so the storages never import prometheus_client. A storage
+    without the attributes shows 0."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    def collect(self) -> list[Metric]:
+        partitioned = Metric("datastore_partitioned", "1 while the counter storage cannot reach Redis", "gauge")
+        partitioned.add_sample("datastore_partitioned", {}, 1 if getattr(self.storage, "partitioned", False) else 0)
+        errors = Metric("datastore_errors", "Decisions the counter storage could not answer", "counter")
+        errors.add_sample("datastore_errors", {}, getattr(self.storage, "errors", 0))
+        return [partitioned, errors]

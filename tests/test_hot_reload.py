@@ -18,8 +18,8 @@ import pytest
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError
-from ratelimit.server.state import ConfigStatus
 from ratelimit.sources.limits_file import LimitsFileWatcher, load_limits_file_contents
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
 from tests.conftest import ServiceProcess, wait_until
 

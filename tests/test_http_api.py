@@ -19,7 +19,8 @@ from ratelimit.engine import MAX_DELTA, InvalidRequest, RateLimiter
 from ratelimit.limits import parse_limits
 from ratelimit.metrics import Metrics
 from ratelimit.server.http import create_http_app
-from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
+from ratelimit.server.state import Service, ServiceOptions
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
 
 NS = "maas-demo/qwen3-14b"

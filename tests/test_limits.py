@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ratelimit.limits import Limit, LimitsError, dump_limits, load_limits_file, parse_limits
+from ratelimit.limits import InvalidLimit, Limit, LimitsError, dump_limits, load_limits_file, parse_limits, unique_limits
 
 LIMITADOR_EXAMPLE = """
 - namespace: test_namespace
@@ -33,6 +33,27 @@ def test_identity_ignores_max_value_name_and_order() -> None:
     b = Limit("ns", 99, 60, ("descriptors[0].b == '2'", "descriptors[0].a == '1'"), ("descriptors[0].u",), name="y")
     assert a.identity == b.identity
     assert a.identity != Limit("ns", 10, 61, a.conditions, a.variables).identity
+    # Limits compare and hash by identity, so sets and dicts of limits dedupe them.
+    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a != Limit("ns", 10, 61, a.conditions, a.variables)
+    assert unique_limits([a, b, Limit("ns", 1, 5)]) == [a, Limit("ns", 1, 5)]
+    assert unique_limits([a, b])[0] is a
+
+
+def test_a_limit_validates_itself_and_names_the_field() -> None:
+    with pytest.raises(InvalidLimit, match=r"^seconds: must be between 1 and"):
+        Limit("ns", 10, 0)
+    with pytest.raises(InvalidLimit, match=r"^max_value: must be between 0 and"):
+        Limit("ns", -1, 60)
+    with pytest.raises(InvalidLimit, match=r"^namespace: must not be empty"):
+        Limit("", 1, 60)
+    with pytest.raises(InvalidLimit) as raised:
+        Limit("ns", 1, 60, ("descriptors[0].a == '1'", "descriptors[0]["))
+    assert raised.value.field == "conditions[1]"
+    limit = Limit("ns", 1, 60, ("descriptors[0].b == '2'", "descriptors[0].a == '1'"), ("descriptors[0].u",))
+    # Compiled once, in the sorted order of the texts they came from.
+    assert [p.source for p in limit.predicates] == list(limit.conditions)
+    assert [e.source for e in limit.expressions] == list(limit.variables)
 
 
 def test_same_identity_collapses_into_the_first_as_in_limitador() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import LimitsError, parse_limits
-from ratelimit.server.state import ConfigStatus
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.sources.limits_file import LimitsFileWatcher
 from ratelimit.sources.maas import (
     MaasError, attributes_to_descriptors, limits_from_files, read_files, translate_paths,

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from exporter.catalog import CatalogCollector, entries_from_documents
+from exporter.catalog import CatalogCollector
+from ratelimit.sources.maas_naming import entries_from_documents
 from exporter.quota import OTHER, QuotaCollector
 from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit.counters import Counter, CounterStatus
-from ratelimit.engine import Decision
+from ratelimit.counters import Counter, CounterStatus, Decision
 from ratelimit.limits import Limit
 from ratelimit.server.ext_proc import MeterConfigError, load_meter_config
 from ratelimit.server.openai_errors import limited_answer
@@ -167,14 +166,14 @@ def _status(max_value: int, value: int, expires_in: float, name: str = "per-user
 
 def test_limited_answer_names_the_limit_and_when_it_has_room() -> None:
     roomy, full = _status(1000, 10, 50.5, "daily", 86400), _status(100, 95, 12.2)
-    answer = limited_answer(Decision(True, full.limit, [roomy, full]), amount=10, kind="tokens")
+    answer = limited_answer(Decision(full.limit, [roomy, full]), amount=10, kind="tokens")
     error = json.loads(answer.body)["error"]
     assert error["code"] == "rate_limit_exceeded" and error["type"] == "tokens"
     assert "'per-user'" in error["message"] and "13s" in error["message"]
     assert answer.headers["retry-after"] == "13" and "x-should-retry" not in answer.headers
     # Two counters without room: the later reset is when both have it.
-    both = limited_answer(Decision(True, full.limit, [_status(1000, 995, 50.5, "daily"), full]), amount=10)
+    both = limited_answer(Decision(full.limit, [_status(1000, 995, 50.5, "daily"), full]), amount=10)
     assert both.retry_after == 51
     # More than the limit holds in any window: retrying cannot help.
-    never = limited_answer(Decision(True, full.limit, [full]), amount=500)
+    never = limited_answer(Decision(full.limit, [full]), amount=500)
     assert never.headers["x-should-retry"] == "false" and "Lower max_tokens" in json.loads(never.body)["error"]["message"]

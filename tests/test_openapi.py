@@ -16,7 +16,8 @@ from ratelimit.engine import RateLimiter
 from ratelimit.limits import parse_limits
 from ratelimit.metrics import Metrics
 from ratelimit.server.http import create_http_app
-from ratelimit.server.state import ConfigStatus, Service, ServiceOptions
+from ratelimit.server.state import Service, ServiceOptions
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
 
 # Small budgets, so the documented examples (namespace maas-demo/qwen3-14b, user alice) soon get 429s.

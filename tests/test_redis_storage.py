@@ -200,7 +200,7 @@ def test_cluster_reserve_and_commit_span_slots(cluster: RedisCluster) -> None:
             # The refused reservation's hold on the global counter was given back.
             assert {c.limit.name: c.reserved for c in await engine.get_counters(NS)} == {"day": 20, "global": 20}
             committed = await engine.commit(NS, request("alice"), first.reservation_id, 12)
-            assert committed.reservation_held
+            assert committed.held
             assert {c.limit.name: (c.value, c.reserved) for c in committed.counters} == {
                 "day": (12, 0), "global": (12, 0)}
 

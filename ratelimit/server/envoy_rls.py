@@ -30,7 +30,8 @@ from typing import NamedTuple
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from ratelimit.engine import Decision, InvalidRequest
+from ratelimit.counters import Decision
+from ratelimit.engine import InvalidRequest
 from ratelimit.server.rls import (
     UNKNOWN,
     Outcome,
@@ -124,7 +125,7 @@ class EnvoyRateLimitService:
         # Past the limit as admission sees it: outstanding reservations count.
         past = [status for status in decision.counters if status.value + status.reserved > status.limit.max_value]
         if past:
-            decision.limited, decision.limited_by = True, past[0].limit
+            decision.limited_by = past[0].limit
         return decision
 
     def _record(

@@ -26,6 +26,7 @@ from ratelimit.engine import InvalidRequest
 from ratelimit.proto import kuadrantrls_pb2
 from ratelimit.server.envoy_rls import EnvoyRateLimitService
 from ratelimit.server.ext_proc import EXT_PROC_SERVICE, MeterConfig, ext_proc_handler
+from ratelimit.server.errors import ServerError
 from ratelimit.server.kuadrant import KuadrantRateLimitService
 from ratelimit.server.state import Service
 
@@ -157,8 +158,6 @@ class GrpcServer:
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError as error:
-            from ratelimit.server.app import ServerError  # app.py imports this module
-
             raise ServerError(f"{self.name} could not start on {self.address}: {error}") from None
         await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()

@@ -24,14 +24,14 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ratelimit.counters import Counter, CounterStatus, StorageError
+from ratelimit.counters import Counter, CounterStatus, Decision, StorageError
 from ratelimit.engine import (
     MAX_DELTA,
     MAX_ENTRIES,
     MAX_KEY_LENGTH,
     MAX_RESERVATION_TTL,
+    MAX_NAMESPACE_LENGTH,
     MAX_VALUE_LENGTH,
-    Decision,
     InvalidCursor,
     InvalidRequest,
 )
@@ -41,8 +41,6 @@ from ratelimit.storage.base import CounterFilter
 # The largest legitimate body: 64 entries of 256 + 4096 characters, each possibly a 6-byte JSON
 # escape, is under 2 MiB. Anything bigger is refused before it is read into memory.
 MAX_BODY_BYTES = 4 * 1024 * 1024
-# The engine has no namespace bound of its own; Kuadrant namespaces are "<k8s ns>/<route>" (< 320).
-MAX_NAMESPACE_LENGTH = MAX_VALUE_LENGTH
 
 DRAFT_03 = "DraftVersion03"
 _JSON_NULL = b"null"
@@ -541,8 +539,8 @@ def create_http_app(service: Service) -> FastAPI:
         summary="Replace a reservation by the amount really used (charged even if it expired).",
     )
     async def commit(body: CommitRequest) -> Response:
-        decision = await engine.commit(body.namespace, body.descriptors(), body.reservation_id, body.actual)
-        return JSONResponse({"reservation_held": bool(decision.reservation_held)})
+        committed = await engine.commit(body.namespace, body.descriptors(), body.reservation_id, body.actual)
+        return JSONResponse({"reservation_held": committed.held})
 
     app.include_router(guarded)
     return app

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from ratelimit.engine import Decision, InvalidRequest
+from ratelimit.counters import Decision
+from ratelimit.engine import InvalidRequest
 from ratelimit.proto.kuadrantrls_pb2 import CommitRequest, CommitResponse, ReserveRequest, ReserveResponse
 from ratelimit.server.rls import (
     OK,
@@ -96,10 +97,10 @@ class KuadrantRateLimitService:
             raise InvalidRequest("domain", "must name the namespace the reservation was made in")
         descriptors = _descriptors(request)
         actual = checked_amount(request.actual_amount, "actual_amount")
-        decision = await self.service.engine.commit(namespace, descriptors, request.reservation_id, actual)
+        committed = await self.service.engine.commit(namespace, descriptors, request.reservation_id, actual)
         if actual:
             self.service.metrics.record_reported(namespace, descriptors, actual)
-        return CommitResponse(reservation_released=bool(decision.reservation_held))
+        return CommitResponse(reservation_released=committed.held)
 
     def _response(self, descriptors: list[dict[str, str]], decision: Decision) -> RateLimitResponse:
         outcome = Outcome(range(len(descriptors)), decision)

@@ -13,8 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ratelimit.counters import CounterStatus
-from ratelimit.engine import Decision
+from ratelimit.counters import CounterStatus, Decision
 
 
 @dataclass(frozen=True, slots=True)

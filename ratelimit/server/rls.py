@@ -16,14 +16,8 @@ from envoy.config.core.v3.base_pb2 import HeaderValue
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from ratelimit.counters import CounterStatus
-from ratelimit.engine import (
-    MAX_DELTA,
-    MAX_DESCRIPTORS,
-    MAX_NAMESPACE_LENGTH,
-    Decision,
-    InvalidRequest,
-)
+from ratelimit.counters import CounterStatus, Decision, rate_limit_headers, tightest
+from ratelimit.engine import MAX_DELTA, MAX_DESCRIPTORS, MAX_NAMESPACE_LENGTH, InvalidRequest
 from ratelimit.server.openai_errors import limited_answer
 
 OK = RateLimitResponse.OK
@@ -108,14 +102,14 @@ def rls_response(
         limited = limited or decision.limited
         code = OVER_LIMIT if decision.limited else OK
         for n, position in enumerate(positions):
-            statuses[position] = (code, _tightest(decision.counters) if n == 0 else None)
+            statuses[position] = (code, tightest(decision.counters) if n == 0 else None)
     response = RateLimitResponse(overall_code=OVER_LIMIT if limited else OK)
     for code, counter in statuses:
         _add_status(response, code, counter)
     if with_headers:
         # A counter decided twice (checked, then charged) is listed once, in its latest state.
         latest = {status.counter: status for _, decision in outcomes for status in decision.counters}
-        headers = Decision(limited, None, list(latest.values())).rate_limit_headers()
+        headers = rate_limit_headers(list(latest.values()))
         response.response_headers_to_add.extend(HeaderValue(key=k, value=v) for k, v in sorted(headers.items()))
     if limited and openai_errors_for is not None:
         refused = next(decision for _, decision in outcomes if decision.limited)
@@ -123,11 +117,6 @@ def rls_response(
         response.raw_body = answer.body
         response.response_headers_to_add.extend(HeaderValue(key=k, value=v) for k, v in answer.headers.items())
     return response
-
-
-def _tightest(counters: Sequence[CounterStatus]) -> CounterStatus | None:
-    """Least remaining; between equals, the one resetting last binds longest."""
-    return min(counters, key=lambda status: (status.remaining, -status.expires_in), default=None)
 
 
 def _add_status(response: RateLimitResponse, code: int, counter: CounterStatus | None) -> None:

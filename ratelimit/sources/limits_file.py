@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError, parse_limits
-from ratelimit.server.state import ConfigStatus
+from ratelimit.sources.status import ConfigStatus
 
 logger = logging.getLogger(__name__)
 

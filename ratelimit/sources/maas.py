@@ -42,10 +42,9 @@ from typing import Any
 
 import yaml
 
-from exporter.catalog import entries_from_documents
-from ratelimit.cel import CelError, compile_expression, compile_predicate
-from ratelimit.limits import MAX_LIMIT_VALUE, Limit, LimitsError
+from ratelimit.limits import MAX_LIMIT_VALUE, InvalidLimit, Limit, LimitsError, unique_limits
 from ratelimit.sources.limits_file import yaml_files
+from ratelimit.sources.maas_naming import entries_from_documents
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +173,7 @@ def translate(resources: Iterable[Resource]) -> Translation:
     warnings = _lint(by_kind)  # after translating: the resources it reads are known to be well-formed
     # Limitador keeps one limit per identity: a TokenRateLimitPolicy exported from the cluster next
     # to the subscription it came from gives each limit twice.
-    unique: dict[tuple, Limit] = {}
-    for limit in limits:
-        unique.setdefault(limit.identity, limit)
-    return Translation(list(unique.values()), warnings)
+    return Translation(unique_limits(limits), warnings)
 
 
 def translate_paths(paths: Iterable[str | Path]) -> Translation:
@@ -243,9 +239,13 @@ def _subscription_limits(subscription: Resource, routes: Mapping[tuple[str, str]
             f"!('{PATH}' in descriptors[0]) || !{descriptor(PATH)}.endsWith('/v1/models')",
         )
         name = f"{subscription.namespace}-{subscription.name}-{model}-tokens"
-        limits.extend(
-            Limit(route, max_value, seconds, conditions, (descriptor(USERID),), name=name) for max_value, seconds in windows
-        )
+        try:
+            limits.extend(
+                Limit(route, max_value, seconds, conditions, (descriptor(USERID),), name=name)
+                for max_value, seconds in windows
+            )
+        except InvalidLimit as exc:  # names that cannot be written into CEL (a quote in a name, say)
+            raise subscription.error(where, f"cannot be translated to a limit: {exc}") from None
     return limits
 
 
@@ -268,11 +268,20 @@ def _policy_limits(policy: Resource) -> list[Limit]:
             if not isinstance(rates, list) or not rates:
                 raise policy.error(f"{here}.rates", "must be a non-empty list of {limit, window}")
             windows = [_rate(policy, f"{here}.rates[{j}]", rate, KUADRANT_WINDOW) for j, rate in enumerate(rates)]
-            conditions = [_cel(policy, f"{here}.when[{j}].predicate", item, "predicate", compile_predicate)
-                          for j, item in enumerate(spec.get("when") or [])]
-            variables = [_cel(policy, f"{here}.counters[{j}].expression", item, "expression", compile_expression)
-                         for j, item in enumerate(spec.get("counters") or [])]
-            limits.extend(Limit(namespace, m, s, tuple(conditions), tuple(variables), name=str(key)) for m, s in windows)
+            when = [_cel(policy, f"{here}.when[{j}].predicate", item, "predicate")
+                    for j, item in enumerate(spec.get("when") or [])]
+            counters = [_cel(policy, f"{here}.counters[{j}].expression", item, "expression")
+                        for j, item in enumerate(spec.get("counters") or [])]
+            conditions = tuple(translated for _, translated in when)
+            variables = tuple(translated for _, translated in counters)
+            try:
+                limits.extend(Limit(namespace, m, s, conditions, variables, name=str(key)) for m, s in windows)
+            except InvalidLimit as exc:  # the Limit compiles the CEL: say which policy field it came from
+                items, where, key_name = (when, "when", "predicate") if exc.field.startswith("conditions") else (
+                    counters, "counters", "expression")
+                j = int(exc.field.partition("[")[2].rstrip("]"))
+                raise policy.error(f"{here}.{where}[{j}].{key_name}",
+                                   f"{exc.message} (translated from {items[j][0]!r})") from None
     return limits
 
 
@@ -296,16 +305,12 @@ def attributes_to_descriptors(source: str) -> str:
     return "".join(pieces)
 
 
-def _cel(resource: Resource, where: str, item: Any, key: str, compile_: Any) -> str:
+def _cel(resource: Resource, where: str, item: Any, key: str) -> tuple[str, str]:
+    """A CEL string over request attributes, and its translation over descriptors (compiled by the Limit)."""
     text = item.get(key) if isinstance(item, Mapping) else None
     if not isinstance(text, str) or not text.strip():
         raise resource.error(where, f"must be a CEL string (`{key}: ...`)")
-    translated = attributes_to_descriptors(text)
-    try:
-        compile_(translated)
-    except CelError as exc:
-        raise resource.error(where, f"{exc} (translated from {text!r})") from None
-    return translated
+    return text, attributes_to_descriptors(text)
 
 
 def _rate(resource: Resource, where: str, rate: Any, pattern: re.Pattern[str]) -> tuple[int, int]:

@@ -11,9 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-
-from ratelimit.counters import Authorization, Counter, CounterStatus
+from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation
 from ratelimit.limits import Limit
 
 T = TypeVar("T")
@@ -55,27 +53,27 @@ class Storage(ABC):
         counters of limits whose identity stays are kept (their max_value may have changed)."""
 
     @abstractmethod
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Decision:
         """Atomically: if any counter would exceed its limit after `delta` (counting reservations),
         charge nothing and name it; otherwise charge every counter `delta`."""
 
     @abstractmethod
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Decision:
         """Read-only: would `delta` more fit in every counter? Counters' states are always loaded."""
 
     @abstractmethod
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+    async def update_counters(self, counters: CounterSet, delta: int) -> Decision:
         """Charge every counter `delta` unconditionally (may overshoot). Counters' states are loaded."""
 
     @abstractmethod
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         """Atomically hold `amount` on every counter if it fits (value + reserved + amount <= max).
         The answer carries a reservation id when admitted. The hold releases itself after the ttl."""
 
     @abstractmethod
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         """Release the reservation (if it is still held) and charge `actual` to the counters.
-        Returns whether the reservation was still held, and the counters' states."""
+        Answers whether the reservation was still held, and the counters' states."""
 
     @abstractmethod
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
@@ -104,17 +102,6 @@ class Storage(ABC):
         end = start + max_counters
         return CounterPage(statuses[start:end], str(end) if end < len(statuses) else None)
 
-    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        """Decide many requests in order, each as `check_and_update`; returns a bool array, True = limited.
-
-        The default runs them one by one; storages with a faster path override it.
-        """
-        limited = np.zeros(len(sets), dtype=np.bool_)
-        for i, counter_set in enumerate(sets):
-            answer = await self.check_and_update(counter_set, int(deltas[i]), False)
-            limited[i] = answer.limited
-        return limited
-
     async def close(self) -> None:
         """Release connections and background tasks."""
 
@@ -142,23 +129,20 @@ class StorageWrapper(Storage):
     def configure(self, limits: Sequence[Limit]) -> None:
         self.storage.configure(limits)
 
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Decision:
         return await self.around(self.storage.check_and_update(counters, delta, load_counters))
 
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Decision:
         return await self.around(self.storage.is_within_limits(counters, delta))
 
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+    async def update_counters(self, counters: CounterSet, delta: int) -> Decision:
         return await self.around(self.storage.update_counters(counters, delta))
 
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         return await self.around(self.storage.reserve(counters, amount, ttl_seconds))
 
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         return await self.around(self.storage.commit(reservation_id, counters, actual))
-
-    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        return await self.around(self.storage.check_and_update_batch(sets, deltas))
 
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
         return await self.storage.get_counters(limits)

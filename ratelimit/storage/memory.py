@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ratelimit.counters import Authorization, Counter, CounterStatus, StorageError, StorageFullError
+from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError, StorageFullError
 from ratelimit.limits import Limit
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterSet, Storage
@@ -124,27 +124,26 @@ class MemoryStorage(Storage):
 
     # -- decisions -------------------------------------------------------------------------------
 
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Decision:
         return self._decide(counters, delta, kernels.CHECK_AND_UPDATE, load_counters)[0]
 
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Decision:
         return self._decide(counters, delta, kernels.CHECK, True)[0]
 
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+    async def update_counters(self, counters: CounterSet, delta: int) -> Decision:
         return self._decide(counters, delta, kernels.UPDATE, True)[0]
 
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         tag = random.getrandbits(62) + 1
         expires = self._now_ms() + max(1, int(ttl_seconds * 1000))
         answer, result = self._decide(counters, amount, kernels.RESERVE, True, tag=tag, expires_at=expires)
-        if not answer.limited:
-            answer.reservation_id = f"{int(result[kernels.R_SLOT]):x}.{tag:x}"
-        return answer
+        reservation_id = None if answer.limited else f"{int(result[kernels.R_SLOT]):x}.{tag:x}"
+        return Reservation(answer.limited_by, answer.counters, reservation_id)
 
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         slot, tag = _parse_reservation_id(reservation_id)
         answer, result = self._decide(counters, actual, kernels.COMMIT, True, slot=slot, tag=tag)
-        return bool(result[kernels.R_HELD]), answer
+        return Commit(bool(result[kernels.R_HELD]), answer.counters)
 
     # -- control plane ---------------------------------------------------------------------------
 
@@ -295,7 +294,7 @@ class MemoryStorage(Storage):
         return plan
 
     def _decide(self, counters: CounterSet, delta: int, mode: int, load_counters: bool, *, slot: int = -1,
-                tag: int = 0, expires_at: int = 0) -> tuple[Authorization, np.ndarray]:
+                tag: int = 0, expires_at: int = 0) -> tuple[Decision, np.ndarray]:
         plan = self._plan(counters)
         now = self._now_ms()
         states = np.empty((len(plan.counters), kernels.STATE_WIDTH), dtype=np.int64)
@@ -308,7 +307,7 @@ class MemoryStorage(Storage):
         if load_counters:
             for counter, (_, used, expires, reserved) in zip(plan.counters, states.tolist(), strict=True):
                 statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return Authorization(plan.counters[code] if code >= 0 else None, statuses), result
+        return Decision(plan.counters[code].limit if code >= 0 else None, statuses), result
 
 
 def _parse_reservation_id(reservation_id: str) -> tuple[int, int]:

@@ -59,10 +59,8 @@ from importlib import resources
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import unquote
 
-import numpy as np
-from prometheus_client.core import Metric
 
-from ratelimit.counters import Authorization, Counter, CounterStatus, StorageError
+from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage, StorageWrapper
 from ratelimit.storage.redis_client import (
@@ -167,13 +165,13 @@ class RedisStorage(Storage):
         # A two-phase hold must outlive any phase 2 that can still reach Redis (each phase gives up
         # after `timeout`), with a wide margin; it only ever blocks budget, never admits past it.
         self._hold_ttl_ms = max(1000, round(10_000 * timeout))
-        self._limits: dict[tuple, Limit] = {}
-        self._digests: dict[tuple, str] = {}
+        self._limits: set[Limit] = set()
+        self._digests: dict[Limit, str] = {}
         self._generation = 0
         self._removed: list[Limit] = []
         """Limits a reload removed whose counters are still to be deleted (started by the next operation)."""
-        self._deleting: dict[tuple, asyncio.Future[None]] = {}
-        """Identity -> the deletion of that limit's counters, running in the background."""
+        self._deleting: dict[Limit, asyncio.Future[None]] = {}
+        """Limit -> the deletion of that limit's counters, running in the background."""
         self._index_writes: set[asyncio.Future[object]] = set()
         self.partitioned = False
         """True while Redis cannot be reached (the `datastore_partitioned` gauge)."""
@@ -182,27 +180,27 @@ class RedisStorage(Storage):
     # -- configuration ---------------------------------------------------------------------------
 
     def configure(self, limits: Sequence[Limit]) -> None:
-        current = {limit.identity: limit for limit in limits}
+        current = set(limits)
         # Deleting a removed limit's counters needs Redis and a running loop: the next operation starts it.
-        self._removed.extend(limit for identity, limit in self._limits.items() if identity not in current)
+        self._removed.extend(limit for limit in self._limits if limit not in current)
         self._limits = current
         self._generation += 1
 
     # -- decisions -------------------------------------------------------------------------------
 
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Decision:
         plan = self._plan(counters)
-        return self._authorization(plan, await self._replies(plan, CHECK_AND_UPDATE, delta), load_counters)
+        return self._decision(plan, await self._replies(plan, CHECK_AND_UPDATE, delta), load_counters)
 
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Decision:
         plan = self._plan(counters)
-        return self._authorization(plan, await self._replies(plan, CHECK, delta), True)
+        return self._decision(plan, await self._replies(plan, CHECK, delta), True)
 
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+    async def update_counters(self, counters: CounterSet, delta: int) -> Decision:
         plan = self._plan(counters)
-        return self._authorization(plan, await self._replies(plan, UPDATE, delta), True)
+        return self._decision(plan, await self._replies(plan, UPDATE, delta), True)
 
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         plan = self._plan(counters)
         reservation_id = uuid.uuid4().hex
         ttl_ms = max(1, round(ttl_seconds * 1000))
@@ -210,31 +208,21 @@ class RedisStorage(Storage):
             # Nothing to hold; a marker lets commit tell this reservation from an unknown one.
             marker = self._marker_key(reservation_id)
             await self._bounded(self._client.request(self._client.slot_of(marker), pack("SET", marker, 1, "PX", ttl_ms)))
-            return Authorization(None, [], reservation_id)
-        answer = self._authorization(plan, await self._replies(plan, RESERVE, amount, reservation_id, ttl_ms), True)
-        if not answer.limited:
-            answer.reservation_id = reservation_id
-        return answer
+            return Reservation(None, [], reservation_id)
+        decided = self._decision(plan, await self._replies(plan, RESERVE, amount, reservation_id, ttl_ms), True)
+        return Reservation(decided.limited_by, decided.counters, None if decided.limited else reservation_id)
 
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         plan = self._plan(counters)
         if not plan.groups:
             marker = self._marker_key(reservation_id)
             held = await self._bounded(self._client.request(self._client.slot_of(marker), pack("GETDEL", marker)))
-            return held is not None, Authorization(None, [])
+            return Commit(held is not None)
         replies = await self._replies(plan, COMMIT, actual, reservation_id)
-        return any(reply[2] for reply in replies), self._authorization(plan, replies, True)
+        return Commit(any(reply[2] for reply in replies), self._decision(plan, replies, True).counters)
 
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
         return await self._bounded(self._get_counters(limits))
-
-    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        if self._client.cluster:
-            return await super().check_and_update_batch(sets, deltas)
-        plans = [self._plan(counter_set) for counter_set in sets]
-        # One server, one connection: requests are written in order and Redis runs them in that
-        # order, exactly as if each waited for the one before.
-        return await self._bounded(self._batch_in_order(plans, deltas))
 
     async def close(self) -> None:
         pending: list[asyncio.Future[Any]] = [*self._deleting.values(), *self._index_writes]
@@ -278,15 +266,6 @@ class RedisStorage(Storage):
         if mode == RESERVE:
             return held
         return list(await asyncio.gather(*(self._run(g, COMMIT, delta, hold_id) for g in plan.groups)))
-
-    async def _batch_in_order(self, plans: list[_Plan], deltas: np.ndarray) -> np.ndarray:
-        # Tasks start in the order they are made, and each sends its request before it first waits.
-        calls = [
-            asyncio.ensure_future(self._round_trip(plan.groups[0], CHECK_AND_UPDATE, int(delta)))
-            for plan, delta in zip(plans, deltas) if plan.groups
-        ]
-        replies = iter(await asyncio.gather(*calls))
-        return np.array([bool(next(replies)[0][1]) if plan.groups else False for plan in plans], dtype=np.bool_)
 
     async def _hold(self, plan: _Plan, amount: int, hold_id: str, ttl_ms: int) -> list[Reply]:
         """Phase 1: reserve `amount` in every slot at once. If a slot fails, the others' holds are
@@ -342,11 +321,11 @@ class RedisStorage(Storage):
         positions = [group.positions[reply[1] - 1] for group, reply in zip(plan.groups, replies) if reply[1]]
         return min(positions, default=None)
 
-    def _authorization(self, plan: _Plan, replies: list[Reply], load_counters: bool) -> Authorization:
+    def _decision(self, plan: _Plan, replies: list[Reply], load_counters: bool) -> Decision:
         first = self._first_without_room(plan, replies)
-        limited_by = plan.counters[first] if first is not None else None
+        limited_by = plan.counters[first].limit if first is not None else None
         if not load_counters:
-            return Authorization(limited_by, [])
+            return Decision(limited_by, [])
         statuses: list[CounterStatus | None] = [None] * len(plan.counters)
         for group, reply in zip(plan.groups, replies):
             now = reply[0]
@@ -354,7 +333,7 @@ class RedisStorage(Storage):
                 value, ends, reserved = reply[3 + 4 * j: 6 + 4 * j]
                 expires_in = (ends - now) / 1000 if ends else 0.0
                 statuses[position] = CounterStatus(plan.counters[position], value, expires_in, reserved)
-        return Authorization(limited_by, statuses)  # type: ignore[arg-type]
+        return Decision(limited_by, cast(list[CounterStatus], statuses))  # the groups cover every position
 
     # -- /counters -------------------------------------------------------------------------------
 
@@ -363,7 +342,7 @@ class RedisStorage(Storage):
             self._start_deletions()
         await self._deletions_done(limits)
         await self._index_settled()
-        configured = [limit for limit in limits if limit.identity in self._limits]
+        configured = [limit for limit in limits if limit in self._limits]
         indexes = [self._index_key(limit) for limit in configured]
         members = await asyncio.gather(*(self._index_members(index) for index in indexes))
         counters = [
@@ -374,7 +353,7 @@ class RedisStorage(Storage):
         for start in range(0, len(counters), _LIST_CHUNK):
             plan = self._new_plan(tuple(counters[start:start + _LIST_CHUNK]), indexed=False)
             replies = await self._decide_in_slots(plan, CHECK, 0, "", 0)
-            for status in self._authorization(plan, replies, True).counters:
+            for status in self._decision(plan, replies, True).counters:
                 if status.expires_in > 0 or status.reserved > 0:
                     statuses.append(status)
         return statuses
@@ -386,7 +365,7 @@ class RedisStorage(Storage):
         if isinstance(plan, _Plan) and plan.generation == self._generation:
             return plan
         # Counters of limits that a concurrent reload removed are left out: their limit is gone.
-        counters = tuple(c for c in counter_set.counters if c.limit.identity in self._limits)
+        counters = tuple(c for c in counter_set.counters if c.limit in self._limits)
         plan = self._new_plan(counters, indexed=not self._client.cluster)
         counter_set.storage_handle = plan
         return plan
@@ -416,10 +395,10 @@ class RedisStorage(Storage):
         return _Plan(counters, tuple(groups), self._generation)
 
     def _digest(self, limit: Limit) -> str:
-        digest = self._digests.get(limit.identity)
+        digest = self._digests.get(limit)
         if digest is None:
             identity = json.dumps(limit.identity, ensure_ascii=False, separators=(",", ":"))
-            digest = self._digests[limit.identity] = hashlib.sha1(identity.encode()).hexdigest()[:16]
+            digest = self._digests[limit] = hashlib.sha1(identity.encode()).hexdigest()[:16]
         return digest
 
     def _counter_key(self, counter: Counter) -> str:
@@ -470,14 +449,14 @@ class RedisStorage(Storage):
         """Delete the counters of limits a reload removed, in the background: only decisions on a
         limit that is back with the same identity wait for its old counters to go."""
         for limit in self._removed:
-            if limit.identity not in self._deleting:
+            if limit not in self._deleting:
                 deletion = asyncio.ensure_future(self._delete_counters(limit))
-                self._deleting[limit.identity] = deletion
+                self._deleting[limit] = deletion
                 deletion.add_done_callback(functools.partial(self._deleted, limit))
         self._removed = []
 
     def _deleted(self, limit: Limit, deletion: asyncio.Future[None]) -> None:
-        del self._deleting[limit.identity]
+        del self._deleting[limit]
         if not deletion.cancelled() and deletion.exception() is not None:
             logger.debug("deleting the counters of removed limit %s failed, to be retried: %s",
                          limit.name or limit.identity, deletion.exception())
@@ -487,8 +466,8 @@ class RedisStorage(Storage):
         """Wait for the deletions of these limits' old counters (of any limit's, when None)."""
         if not self._deleting:
             return
-        wanted = None if limits is None else {limit.identity for limit in limits}
-        pending = [deletion for identity, deletion in self._deleting.items() if wanted is None or identity in wanted]
+        wanted = None if limits is None else set(limits)
+        pending = [deletion for limit, deletion in self._deleting.items() if wanted is None or limit in wanted]
         await asyncio.gather(*(asyncio.shield(deletion) for deletion in pending))
 
     async def _delete_counters(self, limit: Limit) -> None:
@@ -554,40 +533,40 @@ class FailureMode(StorageWrapper):
         return self._errors
 
     async def around(self, decision: Awaitable[T]) -> T:
-        # check_and_update, is_within_limits and update_counters answer an Authorization; the
+        # check_and_update, is_within_limits and update_counters answer a Decision; the
         # decisions with other answers are overridden below.
-        return cast(T, await self._decide(cast(Awaitable[Authorization], decision)))
+        return cast(T, await self._decide(cast(Awaitable[Decision], decision)))
 
-    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Authorization:
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         # Admitted open, the reservation holds nothing; its commit will find it not held.
-        return await self._decide(self.storage.reserve(counters, amount, ttl_seconds), uuid.uuid4().hex)
+        try:
+            answer = await self.storage.reserve(counters, amount, ttl_seconds)
+        except StorageError as exc:
+            self._failed(exc)
+            return Reservation(None, [], uuid.uuid4().hex)
+        self._recovered()
+        return answer
 
-    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> tuple[bool, Authorization]:
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         try:
             answer = await self.storage.commit(reservation_id, counters, actual)
         except StorageError as exc:
-            return False, self._failed(exc, None)
+            self._failed(exc)
+            return Commit(False)
         self._recovered()
         return answer
 
-    async def check_and_update_batch(self, sets: Sequence[CounterSet], deltas: np.ndarray) -> np.ndarray:
-        try:
-            limited = await self.storage.check_and_update_batch(sets, deltas)
-        except StorageError as exc:
-            self._failed(exc, None)
-            return np.zeros(len(sets), dtype=np.bool_)
-        self._recovered()
-        return limited
-
-    async def _decide(self, decision: Awaitable[Authorization], reservation_id: str | None = None) -> Authorization:
+    async def _decide(self, decision: Awaitable[Decision]) -> Decision:
         try:
             answer = await decision
         except StorageError as exc:
-            return self._failed(exc, reservation_id)
+            self._failed(exc)
+            return Decision()
         self._recovered()
         return answer
 
-    def _failed(self, error: StorageError, reservation_id: str | None) -> Authorization:
+    def _failed(self, error: StorageError) -> None:
+        """Count and log the failure; closed re-raises it, open lets the caller admit."""
         self._errors += 1
         if not self._failing:
             self._failing = True
@@ -595,28 +574,11 @@ class FailureMode(StorageWrapper):
                          "within limits (open)" if self.mode == "open" else "unavailable (closed)", error)
         if self.mode == "closed":
             raise error
-        return Authorization(None, [], reservation_id)
 
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
             logger.warning("counter storage answering again after %d failed requests", self._errors)
-
-
-class StorageHealth:
-    """A /metrics collector: `datastore_partitioned` (gauge: 1 while the storage cannot reach Redis,
-    Limitador's name) and `datastore_errors` (counter: decisions the storage could not answer,
-    answered per --on-storage-error). Reads any storage; ones without the attributes show 0."""
-
-    def __init__(self, storage: Storage) -> None:
-        self.storage = storage
-
-    def collect(self) -> list[Metric]:
-        partitioned = Metric("datastore_partitioned", "1 while the counter storage cannot reach Redis", "gauge")
-        partitioned.add_sample("datastore_partitioned", {}, 1 if getattr(self.storage, "partitioned", False) else 0)
-        errors = Metric("datastore_errors", "Decisions the counter storage could not answer", "counter")
-        errors.add_sample("datastore_errors", {}, getattr(self.storage, "errors", 0))
-        return [partitioned, errors]
 
 
 def _dynamic_arguments(mode: str, now: bytes, delta: int, reservation_id: str, ttl_ms: int) -> bytes:

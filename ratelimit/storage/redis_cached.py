@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ratelimit.counters import Authorization, Counter, CounterStatus
+from ratelimit.counters import Decision, Counter, CounterStatus
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage
 from ratelimit.storage.redis import (
@@ -136,34 +136,32 @@ class CachedRedisStorage(RedisStorage):
 
     # -- decisions on the local copies -----------------------------------------------------------
 
-    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Authorization:
+    async def check_and_update(self, counters: CounterSet, delta: int, load_counters: bool) -> Decision:
         return await self._decide_locally(counters, delta, charge_if_room=True, load_counters=load_counters)
 
-    async def is_within_limits(self, counters: CounterSet, delta: int) -> Authorization:
+    async def is_within_limits(self, counters: CounterSet, delta: int) -> Decision:
         return await self._decide_locally(counters, delta, charge_if_room=False, load_counters=True)
 
-    async def update_counters(self, counters: CounterSet, delta: int) -> Authorization:
+    async def update_counters(self, counters: CounterSet, delta: int) -> Decision:
         plan, entries, now = await self._local(counters)
         for entry in entries:
             self._charge(entry, delta, now)
-        return Authorization(None, [e.status(c, now) for c, e in zip(plan.counters, entries)])
-
-    check_and_update_batch = Storage.check_and_update_batch  # one by one, on the local copies
+        return Decision(None, [e.status(c, now) for c, e in zip(plan.counters, entries)])
 
     async def _decide_locally(
         self, counters: CounterSet, delta: int, charge_if_room: bool, load_counters: bool
-    ) -> Authorization:
+    ) -> Decision:
         plan, entries, now = await self._local(counters)
         limited_by = None
         for counter, entry in zip(plan.counters, entries):
             if entry.used(now) + entry.reserved + delta > counter.limit.max_value:
-                limited_by = counter
+                limited_by = counter.limit
                 break
         if limited_by is None and charge_if_room:
             for entry in entries:
                 self._charge(entry, delta, now)
         statuses = [e.status(c, now) for c, e in zip(plan.counters, entries)] if load_counters else []
-        return Authorization(limited_by, statuses)
+        return Decision(limited_by, statuses)
 
     def _charge(self, entry: _Entry, delta: int, now: int) -> None:
         if delta and not entry.pending:
