@@ -104,6 +104,10 @@ class Limit:
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type[Limit], tuple[Any, ...]]:
+        # Compiled CEL does not pickle: a Limit sent to another process is rebuilt (and recompiled) there.
+        return (Limit, (self.namespace, self.max_value, self.seconds, self.conditions, self.variables, self.name, self.id))
+
     @cached_property
     def cel_binding(self) -> dict[str, str | None]:
         """The CEL `limit` root: `{name, id}`."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from ratelimit.limits import InvalidLimit, Limit, LimitsError, dump_limits, load_limits_file, parse_limits, unique_limits
@@ -38,6 +40,8 @@ def test_identity_ignores_max_value_name_and_order() -> None:
     assert a != Limit("ns", 10, 61, a.conditions, a.variables)
     assert unique_limits([a, b, Limit("ns", 1, 5)]) == [a, Limit("ns", 1, 5)]
     assert unique_limits([a, b])[0] is a
+    copy = pickle.loads(pickle.dumps(a))  # to another process: rebuilt, CEL compiled again there
+    assert copy == a and (copy.max_value, copy.name) == (10, "x") and copy.predicates == a.predicates
 
 
 def test_a_limit_validates_itself_and_names_the_field() -> None:

@@ -80,8 +80,8 @@ def _worker(conn: Connection) -> None:
             elif command == "commit":
                 assert engine is not None
                 descriptors, reservation_id, actual = args
-                decision = asyncio.run(engine.commit(NS, descriptors, reservation_id, actual))
-                conn.send(("ok", (decision.reservation_held, states_of(decision.counters))))
+                committed = asyncio.run(engine.commit(NS, descriptors, reservation_id, actual))
+                conn.send(("ok", (committed.held, states_of(committed.counters))))
             elif command == "counters":
                 assert engine is not None
                 conn.send(("ok", states_of(asyncio.run(engine.get_counters(NS)))))
