@@ -64,6 +64,7 @@ from ratelimit.server.openai_usage import (
     with_usage_requested,
 )
 from ratelimit.server.state import Service
+from ratelimit.server.tasks import run_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -425,11 +426,7 @@ class TokenMeter:
             # the stream; this generator is then cancelled). Settle in a task of its own, which a
             # cancellation of this one cannot interrupt.
             if not exchange.settled and exchange.reservation is not None:
-                from ratelimit.server.grpc import (
-                    _background,  # grpc.py imports this module
-                )
-
-                _background(exchange.settle())
+                run_in_background(exchange.settle())
 
 
 def ext_proc_handler(service: Service, config: MeterConfig) -> grpc.GenericRpcHandler:

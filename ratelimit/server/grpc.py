@@ -29,6 +29,7 @@ from ratelimit.server.ext_proc import EXT_PROC_SERVICE, MeterConfig, ext_proc_ha
 from ratelimit.server.errors import ServerError
 from ratelimit.server.kuadrant import KuadrantRateLimitService
 from ratelimit.server.state import Service
+from ratelimit.server.tasks import run_in_background
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +179,4 @@ class GrpcServer:
         self._force = self._force or force
         self._stop_requested.set()
         if force and self._server is not None:
-            _background(self._server.stop(None))
-
-
-_background_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _background(coroutine: Awaitable[Any]) -> None:
-    """Run a coroutine without awaiting it, holding a reference so it is not collected midway."""
-    task = asyncio.ensure_future(coroutine)
-    _background_tasks.add(task)
-    task.add_done_callback(_background_tasks.discard)
+            run_in_background(self._server.stop(None))
