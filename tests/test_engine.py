@@ -207,4 +207,4 @@ def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> 
     [ann] = run(engine.get_counters("ns"))
     assert (ann.value, ann.reserved) == (0, 30)
     committed = run(engine.commit("ns", [{"user": "ann"}], reservation.reservation_id, 5))
-    assert committed.reservation_held and [(s.value, s.reserved) for s in committed.counters] == [(5, 0)]
+    assert committed.held and [(s.value, s.reserved) for s in committed.counters] == [(5, 0)]
