@@ -110,8 +110,6 @@ class ConfigMapVolume:
         os.replace(staging, self.directory / "..data")
 
 
-@pytest.mark.xfail(strict=True, reason="`ratelimit` with no arguments prints help and exits 2 instead of serving "
-                   "LIMITS_FILE from the environment, as Limitador's image does (issue 12, item 1: h12-config)")
 def test_limits_file_watcher_in_k8s(tmp_path: Path, limitador: list[LimitadorProcess]) -> None:
     """`limits_file_watcher` job, e2e.yaml: the Deployment reads `LIMITS_FILE` from its env, its
     probes use `/status`, and an updated ConfigMap (max_value 1000 -> 2000) is served."""
