@@ -189,9 +189,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 path = work / f"envoy-{n}.yaml"
                 path.write_text(yaml.safe_dump(route_bootstrap(route, ports)))
                 command = [str(ENVOY), "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "-l", "error"]
-                envoys.append(running(f"envoy ({route})", command,
-                                      lambda admin=admin: httpx.get(f"http://{HOST}:{admin}/ready").is_success,
-                                      work / f"envoy-{n}.log", (OSError, httpx.TransportError)))
+                def ready(admin: int = admin) -> bool:
+                    return httpx.get(f"http://{HOST}:{admin}/ready").is_success
+
+                envoys.append(running(f"envoy ({route})", command, ready, work / f"envoy-{n}.log",
+                                      (OSError, httpx.TransportError)))
                 urls[route] = f"http://{HOST}:{listener}/v1/chat/completions"
             with envoys[0], envoys[1], envoys[2]:
                 rows, raw = measure(config, urls)

@@ -250,8 +250,10 @@ def _check_workload(
             high = exact + sum(call.estimate_bounds()[1] for call in left)
         else:  # a stream left before its usage passed the Lua filter is not charged
             low, high = exact, exact + sum(call.usage for call in left)
-        wait_until(lambda user=user, low=low: (_value(service, user) or 0) >= low and _settled(service, user),
-                   timeout=20, what=f"{user}'s charges to land")
+        def landed(user: str = user, low: int = low) -> bool:
+            return (_value(service, user) or 0) >= low and _settled(service, user)
+
+        wait_until(landed, timeout=20, what=f"{user}'s charges to land")
         charged = _value(service, user)
         assert charged is not None and low <= charged <= high, (user, charged, low, high, calls)
         if not left:
@@ -265,7 +267,8 @@ def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
     what is admitted is what the budget holds, and the charged usage never passes it."""
     client = openai.AsyncOpenAI(base_url=f"{proxies[EXT_PROC].url}/v1", api_key="unused", max_retries=0, timeout=60)
     user = "ten-parallel"
-    body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "count"}], "stream": True}
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "count"}],
+                            "stream": True}
 
     async def one() -> int | None:
         try:
@@ -297,8 +300,8 @@ def test_a_limited_request_is_an_openai_rate_limit_error_and_its_retry_waits_ret
     the window; waiting Retry-After, its retry lands in the next window and succeeds."""
     base_url = f"{proxies[route].url}/v1"
     user = f"retry-{'x' if route == EXT_PROC else 'l'}"
-    body = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
-            "extra_headers": {"x-user-id": user}}
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+                            "extra_headers": {"x-user-id": user}}
     no_retries = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=30)
     attempts: list[int] = []
     lock = threading.Lock()
@@ -308,13 +311,14 @@ def test_a_limited_request_is_an_openai_rate_limit_error_and_its_retry_waits_ret
             attempts.append(1)
 
     retrying = openai.OpenAI(base_url=base_url, api_key="unused", timeout=30,
-                             http_client=httpx.Client(event_hooks={"request": [count]}))
+                             http_client=openai.DefaultHttpxClient(event_hooks={"request": [count]}))
     assert retrying.max_retries == 2  # the SDK's default
 
     with pytest.raises(openai.RateLimitError) as refused:
         for n in range(1, 4):  # ext_proc refuses the 2nd (its reservation does not fit), Lua the 3rd
             no_retries.chat.completions.create(**body)
-            wait_until(lambda n=n: _value(service, user) == 11 * n and _settled(service, user), timeout=10,
+            charged = 11 * n
+            wait_until(lambda: _value(service, user) == charged and _settled(service, user), timeout=10,  # noqa: B023
                        what="the charge to land")
     error = refused.value
     assert error.status_code == 429 and error.code == "rate_limit_exceeded"
@@ -341,7 +345,7 @@ def test_the_lua_route_charges_streams_the_sdk_closes_right_after_done(
             stream_options={"include_usage": True}, extra_headers={"x-user-id": user})
         assert [chunk.usage.total_tokens for chunk in stream if chunk.usage] == [7]
     for user in users:
-        wait_until(lambda user=user: _value(service, user) == 7, timeout=20, what=f"{user}'s 7 tokens")
+        wait_until(lambda: _value(service, user) == 7, timeout=20, what=f"{user}'s 7 tokens")  # noqa: B023
 
 
 

@@ -60,7 +60,7 @@ def test_usage_is_requested_keeping_the_clients_stream_options() -> None:
 
 
 def _sse(usage: bool = True) -> bytes:
-    events = [
+    events: list[dict[str, object]] = [
         {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], "usage": None},
         {"choices": [{"index": 0, "delta": {"content": "héllo"}}], "usage": None},
         {"choices": [{"index": 0, "delta": {"content": " world"}, "finish_reason": "stop"}], "usage": None},
