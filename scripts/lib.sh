@@ -88,11 +88,13 @@ ensure_system_programs() {
 }
 
 # ensure_npm_packages DIR: the npm packages DIR/package-lock.json pins, installed into DIR/node_modules
-# by `npm ci` when missing or older than the lock (needs node and npm: see ensure_system_programs).
+# by `npm ci` unless the lock is the one installed last (a checksum, not a date: checkouts touch dates).
+# Needs node and npm: see ensure_system_programs.
 ensure_npm_packages() {
   local dir=$1
-  local installed="$dir/node_modules/.package-lock.json"
-  if [ -f "$installed" ] && [ ! "$dir/package-lock.json" -nt "$installed" ]; then
+  local stamp="$dir/node_modules/.installed-lock-sha256" lock_sum
+  lock_sum=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$lock_sum" ]; then
     return 0
   fi
   echo "installing the npm packages of $dir (npm ci): $(cd "$dir" && node -e \
@@ -101,4 +103,5 @@ ensure_npm_packages() {
     echo "error: 'npm ci' in $dir failed (is the npm registry reachable?); the tests need it once" >&2
     exit 1
   fi
+  echo "$lock_sum" >"$stamp"
 }
