@@ -10,8 +10,8 @@ limits say `descriptors[0]['req_method'] == 'GET'`, exactly what the Limitador s
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote

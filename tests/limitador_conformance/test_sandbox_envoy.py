@@ -37,8 +37,9 @@ def sandbox_bootstrap(listener: int, admin: int, upstream: int, limitador: int) 
         {"request_headers": {"header_name": ":method", "descriptor_key": "req.method"}},
         {"request_headers": {"header_name": ":path", "descriptor_key": "req.path"}},
     ]}]
+    manager_type = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
     manager = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": f"type.googleapis.com/{manager_type}",
         "stat_prefix": "ingress_http",
         "route_config": {"name": "local_route", "virtual_hosts": [{
             "name": "local_service", "domains": ["*"],
