@@ -25,7 +25,6 @@ from limits import RateLimitItem
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.storage import storage_from_string
 
-from bench.report import write_results
 from bench.core import (
     NAMESPACE,
     WINDOWS,
@@ -40,6 +39,7 @@ from bench.core import (
     request_stream,
     stacked_limits,
 )
+from bench.report import write_results
 from ratelimit.engine import RateLimiter
 from ratelimit.storage.redis import RedisStorage
 

@@ -148,8 +148,14 @@ def scrape(http: httpx.Client, until: float) -> dict[str, Any]:
             "bytes_last": len(response.content) if durations else 0}
 
 
+def idle(http: httpx.Client, until: float) -> dict[str, Any]:
+    """The control phase: nothing but the decisions."""
+    time.sleep(max(0.0, until - time.monotonic()))
+    return {}
+
+
 def reload(http: httpx.Client, limits_file: Path, until: float) -> dict[str, Any]:
-    durations = []
+    durations: list[float] = []
     texts = [RELOAD_LIMITS, BENCH_LIMITS]
     while time.monotonic() < until:
         version = http.get("/status").json()["config_version"]
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     counters = 30_000 if args.quick else 300_000
     phase_seconds = 5.0 if args.quick else 12.0
     phases: list[tuple[str, Callable[[httpx.Client, float], dict[str, Any]]]] = [
-        ("idle", lambda http, until: (time.sleep(max(0.0, until - time.monotonic())), {})[1]),
+        ("idle", idle),
         ("walk", walk),
         ("scrape", scrape),
     ]
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         http.close()
         result = json.loads(out.read_text())
     samples = result["samples"]
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for name, (begin, end) in windows.items():
         latencies = [latency for due, latency in samples if begin <= due < end]
         rows[name] = percentiles(latencies) if latencies else {"count": 0}

@@ -14,7 +14,6 @@ from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics
 from ratelimit.sources.maas_naming import load_catalog
 
-
 LISTING_PAGE = 250
 """Counters read per storage call during a scrape (about a millisecond of work); the event loop
 (decisions) runs between pages."""

@@ -106,7 +106,7 @@ class _Compiled:
 
     # Limitador identifies conditions and variables by their source text.
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.source == self.source  # type: ignore[attr-defined]
+        return isinstance(other, _Compiled) and type(other) is type(self) and other.source == self.source
 
     def __hash__(self) -> int:
         return hash(self.source)

@@ -37,6 +37,8 @@ MEMO_ENTRY_BYTES = 64 * 1024
 _MEMO_ENTRY_OVERHEAD = 400  # the dict slot, key tuples and CounterSet; each entry adds ~160 (two str headers, a pair)
 
 Descriptors = Sequence[Mapping[str, str]]
+MemoKey = tuple[object, ...]
+"""The namespace and the descriptors' content, hashable (see _memo_key)."""
 
 
 class InvalidRequest(ValueError):
@@ -59,7 +61,7 @@ class RateLimiter:
     def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
         self.storage = storage
         self._limits_by_namespace: dict[str, tuple[Limit, ...]] = {}
-        self._memo: dict[tuple, tuple[CounterSet, int]] = {}
+        self._memo: dict[MemoKey, tuple[CounterSet, int]] = {}
         self._memo_bytes = 0
         self.configure_with(limits)
 
@@ -104,7 +106,7 @@ class RateLimiter:
             return self._memoize(key, namespace, descriptors)
         return found[0]
 
-    def _memoize(self, key: tuple, namespace: str, descriptors: Descriptors) -> CounterSet:
+    def _memoize(self, key: MemoKey, namespace: str, descriptors: Descriptors) -> CounterSet:
         if not isinstance(namespace, str) or len(namespace) > MAX_NAMESPACE_LENGTH:
             raise InvalidRequest("namespace", f"must be a string of at most {MAX_NAMESPACE_LENGTH} characters")
         _validate_descriptors(descriptors)
@@ -216,7 +218,7 @@ def _request_digest(namespace: str, descriptors: Descriptors) -> str:
     return hashlib.blake2b(json.dumps(content).encode("utf-8"), digest_size=8).hexdigest()
 
 
-def _memo_key(namespace: str, descriptors: Descriptors) -> tuple:
+def _memo_key(namespace: str, descriptors: Descriptors) -> MemoKey:
     """The descriptors' content as a hashable key; one descriptor (Envoy's usual call) is the fast case."""
     if len(descriptors) == 1:
         return (namespace, tuple(descriptors[0].items()))

@@ -243,7 +243,9 @@ class _LimitBuilder:
 
     def _strings(self, name: str) -> list[str]:
         """conditions / variables: a list of CEL strings; absent or null means none (as in Limitador's examples)."""
-        value, node = self.values.get(name, (None, None))
+        if name not in self.values:
+            return []
+        value, node = self.values[name]
         if value is None:
             return []
         if not isinstance(value, list):

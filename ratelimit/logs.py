@@ -24,7 +24,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 LEVELS = ("off", "error", "warning", "info", "debug", "trace")
@@ -146,7 +146,7 @@ def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> N
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.fromtimestamp(record.created, timezone.utc)
+    moment = datetime.fromtimestamp(record.created, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

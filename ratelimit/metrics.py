@@ -225,7 +225,7 @@ class Metrics:
         for name, expression in self.custom_labels.items():
             try:
                 value = expression.evaluate(descriptors, _NO_LIMIT)
-            except Exception:  # noqa: BLE001 - a label must never fail the call it describes
+            except Exception:
                 value = None
             labels[name] = _bounded(value or "")
         labels[NAMESPACE_LABEL] = _bounded(namespace)

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import grpc
 import httpx
@@ -32,8 +32,10 @@ EXAMPLES = REPO / "examples"
 # Generous: a first start after a kernel change compiles the numba kernels (a minute on 2 busy cores).
 STARTUP_TIMEOUT = 120.0
 
+T = TypeVar("T")
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+
+def wait_until(condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
     """Poll `condition` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -171,7 +173,7 @@ def start_service(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serv
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
     report = yield
     setattr(item, f"rep_{report.when}", report)

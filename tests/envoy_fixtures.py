@@ -39,7 +39,7 @@ class ChildProcess:
         self.name = name
         self.command = list(command)
         self._ready = ready
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (open while the process runs; closed by stop())
+        self._log = tempfile.TemporaryFile()
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:

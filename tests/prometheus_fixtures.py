@@ -125,7 +125,7 @@ class Emitter:
         emitter = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 emitter.scrapes += 1
                 body = render(emitter.scrapes).encode()
                 self.send_response(200)
@@ -260,7 +260,7 @@ class Workload:
 
 
 @pytest.fixture
-def observed(start_service, start_prometheus) -> Iterator:  # noqa: F811 - pytest fixture injection
+def observed(start_service, start_prometheus) -> Iterator:
     service: ServiceProcess = start_service(
         OBSERVABILITY / "limits.yaml", "-L", str(OBSERVABILITY / "metric-labels.yaml"), "--quota-metrics",
         "--model-catalog", str(OBSERVABILITY / "models.yaml"), "-l")

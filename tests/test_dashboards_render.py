@@ -8,8 +8,10 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
 
 from dashboards.generate import DASHBOARDS
 from dashboards.perses import all_queries, with_all_values
@@ -42,11 +44,12 @@ def test_every_panel_renders_to_png(observed, tmp_path: Path) -> None:  # noqa: 
                 image.verify()
 
         with Image.open(out / "overview.png") as overview:
+            assert isinstance(overview, PngImageFile)
             boxes = json.loads(overview.text["panels"])
             assert sorted(boxes) == sorted(spec["panels"]) and len(tiles(spec)[0]) == len(spec["panels"])
             for key, box in boxes.items():
                 tile = overview.convert("L").crop(tuple(box))
-                low, high = tile.getextrema()
+                low, high = cast(tuple[int, int], tile.getextrema())  # one band ("L"): one (min, max)
                 assert high - low > 64, f"{name}: tile {key} is blank"
 
 

@@ -28,7 +28,7 @@ def limiter(*limits: Limit, capacity: int = 1000) -> tuple[RateLimiter, Clock]:
     return RateLimiter(MemoryStorage(capacity=capacity, clock=clock), limits), clock
 
 
-def run(coroutine):  # type: ignore[no-untyped-def]
+def run(coroutine):
     return asyncio.run(coroutine)
 
 
@@ -178,7 +178,7 @@ def test_full_table_refuses_new_keys_first_and_reuses_rows_idle_for_a_window() -
         ([{"k": "v"}], 2**64 - 1, "delta"),
     ],
 )
-def test_out_of_bounds_input_is_refused_naming_the_field(descriptors, delta, field) -> None:  # type: ignore[no-untyped-def]
+def test_out_of_bounds_input_is_refused_naming_the_field(descriptors, delta, field) -> None:
     engine, _ = limiter(Limit("ns", 5, 60, (), USER))
     with pytest.raises(InvalidRequest) as caught:
         run(engine.check_and_report("ns", descriptors, delta))

@@ -54,7 +54,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.loop.close()
 
-    def run(self, coroutine):  # type: ignore[no-untyped-def]
+    def run(self, coroutine):
         return self.loop.run_until_complete(coroutine)
 
     def request(self, user: str, model: str, namespace: str = NS) -> tuple[list[dict[str, str]], list[tuple]]:
@@ -108,7 +108,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
         self.compare(decision, self.model.check_and_report(keys, 1, self.now_ms))
 
     @rule(target=reservations, user=users, model=models, amount=small, ttl_ms=st.integers(1, 90_000))
-    def reserve(self, user: str, model: str, amount: int, ttl_ms: int):  # type: ignore[no-untyped-def]
+    def reserve(self, user: str, model: str, amount: int, ttl_ms: int):
         descriptors, keys = self.request(user, model)
         if self.storage_full(keys):
             return (None, user, model)
@@ -149,7 +149,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
                 assert 0 <= status.remaining <= status.limit.max_value
 
 
-def states_of(statuses) -> dict[tuple, tuple[int, int, int]]:  # type: ignore[no-untyped-def]
+def states_of(statuses) -> dict[tuple, tuple[int, int, int]]:
     return {
         (s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved) for s in statuses
     }

@@ -132,8 +132,10 @@ def test_token_budget_is_charged_the_usage_of_each_response(
                 break
             assert _usage(response.text, stream) == 40
             # The charge is fire-and-forget after the response ends: wait until it has landed.
-            wait_until(lambda left=left_after: _remaining(service, "tokens", user) == left, timeout=10,
-                       what=f"{user}'s charge of 40 tokens")
+            def landed(left: int | None = left_after) -> bool:
+                return _remaining(service, "tokens", user) == left
+
+            wait_until(landed, timeout=10, what=f"{user}'s charge of 40 tokens")
     assert [response.status_code for response in responses] == [200, 200, 200, 429]
     assert [response.headers["x-ratelimit-remaining"] for response in responses] == ["100", "60", "20", "0"]
     # A 5-minute window has no Envoy unit: the limit is stated without a `w=` that would be false.

@@ -13,14 +13,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ratelimit.counters import StorageError
 import ratelimit.metrics
+from ratelimit.counters import Decision, StorageError
 from ratelimit.engine import MAX_DELTA, InvalidRequest, RateLimiter
 from ratelimit.limits import parse_limits
 from ratelimit.metrics import Metrics
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import Service, ServiceOptions
 from ratelimit.sources.status import ConfigStatus
+from ratelimit.storage.base import CounterPage
 from ratelimit.storage.memory import MemoryStorage
 
 NS = "maas-demo/qwen3-14b"
@@ -90,7 +91,8 @@ async def client(service: Service) -> AsyncIterator[Client]:
         yield test_client
 
 
-def tokens(user: str, delta: int, **extra: Any) -> dict[str, Any]:
+def tokens(user: str, delta: object, **extra: Any) -> dict[str, Any]:
+    """A body for user's request of `delta` (anything, to test the refusals of bad ones)."""
     return {"namespace": NS, "values": {"kind": "tokens", "user": user}, "delta": delta, **extra}
 
 
@@ -385,7 +387,7 @@ async def test_a_body_over_the_size_bound_gets_413_before_it_is_parsed(client: C
 
 
 async def test_an_engine_refusal_is_a_400_naming_the_http_field(client: Client, service: Service) -> None:
-    async def refuse(*args: Any, **kwargs: Any) -> None:
+    async def refuse(*args: Any, **kwargs: Any) -> Decision:
         raise InvalidRequest("descriptors[0]['user']", "value is too long")
 
     service.engine.check_and_report = refuse  # type: ignore[method-assign]
@@ -463,7 +465,7 @@ async def test_counters_refuses_a_bad_filter_or_cursor(client: Client) -> None:
 
 
 async def test_a_failing_storage_on_counters_is_a_503(client: Client, service: Service) -> None:
-    async def unreachable(*args: Any) -> None:
+    async def unreachable(*args: Any, **kwargs: Any) -> CounterPage:
         raise StorageError("redis is unreachable")
 
     service.engine.get_counters_page = unreachable  # type: ignore[method-assign]

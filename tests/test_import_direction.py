@@ -82,10 +82,12 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> Iterator[Impo
                 type_only_lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
         targets: list[str] = []
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
+        else:
             base = node.module or ""
             if node.level:  # relative: from the importing module's package
                 anchor = package.split(".")

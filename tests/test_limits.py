@@ -6,7 +6,15 @@ import pickle
 
 import pytest
 
-from ratelimit.limits import InvalidLimit, Limit, LimitsError, dump_limits, load_limits_file, parse_limits, unique_limits
+from ratelimit.limits import (
+    InvalidLimit,
+    Limit,
+    LimitsError,
+    dump_limits,
+    load_limits_file,
+    parse_limits,
+    unique_limits,
+)
 
 LIMITADOR_EXAMPLE = """
 - namespace: test_namespace
@@ -122,7 +130,7 @@ def test_yaml_syntax_error_names_the_line() -> None:
     assert caught.value.line is not None and "not valid YAML" in str(caught.value)
 
 
-def test_missing_file_is_a_limits_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_file_is_a_limits_error(tmp_path) -> None:
     with pytest.raises(LimitsError, match="cannot read"):
         load_limits_file(tmp_path / "absent.yaml")
 

@@ -13,11 +13,15 @@ import pytest
 
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import LimitsError, parse_limits
-from ratelimit.sources.status import ConfigStatus
 from ratelimit.sources.limits_file import LimitsFileWatcher
 from ratelimit.sources.maas import (
-    MaasError, attributes_to_descriptors, limits_from_files, read_files, translate_paths,
+    MaasError,
+    attributes_to_descriptors,
+    limits_from_files,
+    read_files,
+    translate_paths,
 )
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
 from tests.conftest import EXAMPLES, REPO, ServiceProcess, wait_until
 
@@ -271,7 +275,7 @@ def test_the_examples_translate_without_warnings_and_match_the_tier_limits_file(
                 known.namespace, known.max_value, known.seconds, known.variables)
             assert set(known.conditions) < set(limit.conditions)  # ours also exempts /v1/models
     assert {"models-as-a-service-freemium-subscription-qwen3-8b-tokens",
-            "models-as-a-service-external-premium-subscription-qwen3-14b-tokens"} <= {l.name for l in translation.limits}
+            "models-as-a-service-external-premium-subscription-qwen3-14b-tokens"} <= {limit.name for limit in translation.limits}
 
 
 def test_translate_command_prints_limits_yaml_and_fails_clearly(tmp_path: Path, crs: Path) -> None:
@@ -299,10 +303,10 @@ def test_watcher_hot_reloads_a_directory_of_crs(crs: Path) -> None:
         wait_until(lambda: watcher.poll() or status.config_err_since, timeout=10, what="the change to be seen")
 
     change_subscriptions(SUBSCRIPTIONS.replace("limit: 1000", "limit: 2000"))
-    assert {l.max_value for l in engine.all_limits() if l.namespace == EXTERNAL_ROUTE} == {2000}
+    assert {limit.max_value for limit in engine.all_limits() if limit.namespace == EXTERNAL_ROUTE} == {2000}
     change_subscriptions(SUBSCRIPTIONS.replace("window: 1h", "window: 2d"))
     assert status.last_error is not None and "MaaSSubscription models-as-a-service/team-a" in status.last_error
-    assert {l.max_value for l in engine.all_limits() if l.namespace == EXTERNAL_ROUTE} == {2000}  # kept
+    assert {limit.max_value for limit in engine.all_limits() if limit.namespace == EXTERNAL_ROUTE} == {2000}  # kept
     write(crs, **{"nested/extra.yml": SUBSCRIPTIONS.replace("team-", "team-x-")})
     (crs / "subscriptions.yaml").write_text(SUBSCRIPTIONS)
     wait_until(lambda: watcher.poll(), timeout=10, what="the new file to be applied")

@@ -28,7 +28,7 @@ class Clock:
         return self.now
 
 
-def run(coroutine):  # type: ignore[no-untyped-def]
+def run(coroutine):
     return asyncio.run(coroutine)
 
 
@@ -63,7 +63,7 @@ def test_get_counters_page_takes_text_cursors_and_a_match() -> None:
     engine, storage, _ = engine_with(per_user)
     for i in range(300):
         run(engine.report(NS, [{"user": f"u{i}"}], 1))
-    found = []
+    found: list[str] = []
     cursor = None
     while True:
         page = run(storage.get_counters_page([per_user], cursor, 50, lambda c: c.values[0].endswith("7")))

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 import pytest
 
 from exporter.catalog import CatalogCollector
-from ratelimit.sources.maas_naming import entries_from_documents
 from exporter.quota import OTHER, QuotaCollector
 from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit
@@ -22,6 +21,7 @@ from ratelimit.metrics import (
     parse_custom_labels,
 )
 from ratelimit.server.app import ServiceConfig, build_service
+from ratelimit.sources.maas_naming import entries_from_documents
 from tests.conftest import EXAMPLES
 from tests.redis_fixtures import redis_server  # noqa: F401 - a fixture
 

@@ -233,7 +233,7 @@ def test_stacked_limits_charge_all_or_nothing_across_processes(workers: Workers,
     admitted = workers.all("clients", 32, 25, users, None)
     counters = workers.all("counters")[1]
     by_name = {}
-    for (identity, values), (value, _, _) in counters.items():
+    for (_, values), (value, _, _) in counters.items():
         by_name[values[0] if values else "global"] = value
     assert sum(map(sum, admitted)) == 100
     assert by_name.pop("global") == 100

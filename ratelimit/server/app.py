@@ -21,26 +21,38 @@ from fastapi import FastAPI
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import LimitsError
 from ratelimit.metrics import (
-    Metrics, MetricLabelsError, StorageHealth, TimedStorage, load_custom_labels, parse_custom_labels,
+    MetricLabelsError,
+    Metrics,
+    StorageHealth,
+    TimedStorage,
+    load_custom_labels,
+    parse_custom_labels,
     parse_default_labels,
 )
+from ratelimit.server.errors import ServerError
 from ratelimit.server.ext_proc import MeterConfigError, load_meter_config
 from ratelimit.server.grpc import GrpcServer
 from ratelimit.server.guards import (
-    DEFAULT_HEADER_TIMEOUT, MAX_REQUEST_HEAD_BYTES, default_max_connections, guarded_http_protocol, raise_file_limit,
+    DEFAULT_HEADER_TIMEOUT,
+    MAX_REQUEST_HEAD_BYTES,
+    default_max_connections,
+    guarded_http_protocol,
+    raise_file_limit,
 )
 from ratelimit.server.http import create_http_app
-from ratelimit.server.errors import ServerError
 from ratelimit.server.state import Service, ServiceOptions
 from ratelimit.server.tracing import DecisionTracing
-from ratelimit.sources.status import ConfigStatus
 from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, load_limits_file_contents
 from ratelimit.sources.maas import limits_from_files
+from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.redis import DEFAULT_TIMEOUT, FailureMode, RedisStorage
 from ratelimit.storage.redis_cached import (
-    DEFAULT_BATCH_SIZE, DEFAULT_FLUSH_PERIOD, DEFAULT_MAX_CACHED, CachedRedisStorage,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUSH_PERIOD,
+    DEFAULT_MAX_CACHED,
+    CachedRedisStorage,
 )
 
 logger = logging.getLogger(__name__)

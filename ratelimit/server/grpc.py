@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -25,8 +25,8 @@ from ratelimit.counters import StorageError
 from ratelimit.engine import InvalidRequest
 from ratelimit.proto import kuadrantrls_pb2
 from ratelimit.server.envoy_rls import EnvoyRateLimitService
-from ratelimit.server.ext_proc import EXT_PROC_SERVICE, MeterConfig, ext_proc_handler
 from ratelimit.server.errors import ServerError
+from ratelimit.server.ext_proc import EXT_PROC_SERVICE, MeterConfig, ext_proc_handler
 from ratelimit.server.kuadrant import KuadrantRateLimitService
 from ratelimit.server.state import Service
 from ratelimit.server.tasks import run_in_background

@@ -19,6 +19,7 @@ Each kind of refusal is logged once per interval with how many happened, not onc
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 import time
@@ -80,7 +81,7 @@ def default_max_connections(file_limit: int) -> int:
 
 
 def _raw_response(status: str, message: str) -> bytes:
-    body = ('{"error": "%s"}' % message).encode()
+    body = json.dumps({"error": message}).encode()
     return (
         f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"

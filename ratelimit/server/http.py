@@ -29,8 +29,8 @@ from ratelimit.engine import (
     MAX_DELTA,
     MAX_ENTRIES,
     MAX_KEY_LENGTH,
-    MAX_RESERVATION_TTL,
     MAX_NAMESPACE_LENGTH,
+    MAX_RESERVATION_TTL,
     MAX_VALUE_LENGTH,
     InvalidCursor,
     InvalidRequest,
@@ -106,7 +106,7 @@ class _Request(BaseModel):
         return [self.values]
 
 
-_EXAMPLE = {"namespace": "maas-demo/qwen3-14b", "values": {"tier": "free", "user": "alice"}}
+_EXAMPLE: dict[str, Any] = {"namespace": "maas-demo/qwen3-14b", "values": {"tier": "free", "user": "alice"}}
 
 
 class CheckAndReportInfo(_Request):
@@ -190,6 +190,9 @@ def _json(description: str, model: type[BaseModel] | None = None, **extra: Any) 
     return {"description": description, "model": model, **extra}
 
 
+Responses = dict[int | str, dict[str, Any]]
+"""FastAPI's `responses=`: status code -> OpenAPI response entry."""
+
 _STRING = {"type": "string"}
 _RATE_LIMIT_HEADERS = {
     name: {"description": description, "schema": _STRING}
@@ -199,11 +202,11 @@ _RATE_LIMIT_HEADERS = {
         ("X-RateLimit-Reset", "Draft-03: seconds until the tightest counter's window resets."),
     )
 }
-_INVALID = {400: _json("Refused by the engine's input checks, or a body that is not UTF-8 text", ErrorBody)}
-_UNAVAILABLE = {503: _json("The counter storage could not answer (unreachable or full)", ErrorBody)}
-_TOO_LARGE = {413: _json(_TOO_LARGE_MESSAGE, ErrorBody)}
-_LIMITED = {429: _json("Over the limit", LimitedBody)}
-_UNAUTHORIZED = {
+_INVALID: Responses = {400: _json("Refused by the engine's input checks, or a body that is not UTF-8 text", ErrorBody)}
+_UNAVAILABLE: Responses = {503: _json("The counter storage could not answer (unreachable or full)", ErrorBody)}
+_TOO_LARGE: Responses = {413: _json(_TOO_LARGE_MESSAGE, ErrorBody)}
+_LIMITED: Responses = {429: _json("Over the limit", LimitedBody)}
+_UNAUTHORIZED: Responses = {
     401: _json(
         "Missing or wrong bearer token",
         ErrorBody,

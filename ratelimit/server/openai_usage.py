@@ -153,10 +153,10 @@ class CostExpression:
             return usage["total_tokens"]
         try:
             value = self._program.execute(dict(usage))
-        except Exception as error:  # noqa: BLE001 (the library raises its own error types)
+        except Exception as error:
             raise ValueError(f"cost expression {self.source!r} failed on {usage}: {error}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"cost expression {self.source!r} gave {value!r}, not a number")  # noqa: TRY004
+            raise ValueError(f"cost expression {self.source!r} gave {value!r}, not a number")
         return max(0, math.ceil(value))
 
 

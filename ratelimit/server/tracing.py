@@ -165,12 +165,12 @@ class _TracingInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or handler.unary_unary is None or method.startswith("/grpc."):
             return handler  # health checks and reflection are not decisions
         name = _CAMEL.sub("_", method.rsplit("/", 1)[-1]).lower()
         metadata = {
-            key: value for key, value in (handler_call_details.invocation_metadata or ())  # type: ignore[attr-defined]
+            key: value for key, value in (handler_call_details.invocation_metadata or ())
             if isinstance(value, str)
         }
         inner = handler.unary_unary

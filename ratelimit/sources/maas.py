@@ -149,7 +149,9 @@ def _objects(documents: Iterable[Any], source: str) -> Iterator[Resource]:
             yield from _objects(document.get("items") or [], source)
         elif kind in KINDS:
             metadata = document.get("metadata")
-            name = metadata.get("name") if isinstance(metadata, Mapping) else None
+            if not isinstance(metadata, Mapping):
+                metadata = {}
+            name = metadata.get("name")
             if not isinstance(name, str) or not name:
                 raise MaasError(source, f"a {kind} needs metadata.name", field="metadata.name", resource=kind)
             namespace = metadata.get("namespace") or "default"  # as kubectl applies it
@@ -222,7 +224,7 @@ def _subscription_limits(subscription: Resource, routes: Mapping[tuple[str, str]
     model_refs = subscription.spec.get("modelRefs")
     if not isinstance(model_refs, list) or not model_refs:
         raise subscription.error("spec.modelRefs", "must be a non-empty list of {name, namespace, tokenRateLimits}")
-    limits = []
+    limits: list[Limit] = []
     for i, ref in enumerate(model_refs):
         where = f"spec.modelRefs[{i}]"
         ref = _mapping(subscription, where, ref)
@@ -259,7 +261,7 @@ def _policy_limits(policy: Resource) -> list[Limit]:
     sections = [("spec.limits", policy.spec.get("limits"))] + [
         (f"spec.{s}.limits", _mapping(policy, f"spec.{s}", policy.spec.get(s)).get("limits")) for s in ("defaults", "overrides")
     ]
-    limits = []
+    limits: list[Limit] = []
     for where, entries in sections:
         for key, spec in _mapping(policy, where, entries).items():
             here = f"{where}.{key}"
@@ -357,7 +359,8 @@ def _lint(by_kind: Mapping[str, Mapping[tuple[str, str], Resource]]) -> list[str
                 f"the MaaSModelRef's name; an ExternalModel's MaaSModelRef must have exactly its name")
     for model in by_kind["ExternalModel"].values():
         credential = _mapping(model, "spec.credentialRef", model.spec.get("credentialRef"))
-        secret = by_kind["Secret"].get((model.namespace, credential.get("name")))
+        secret_name = credential.get("name")
+        secret = by_kind["Secret"].get((model.namespace, secret_name)) if isinstance(secret_name, str) else None
         labels = _mapping(secret, "metadata.labels", secret.body["metadata"].get("labels")) if secret else {}
         if secret is not None and labels.get(BBR_LABEL) != "true":
             warnings.append(

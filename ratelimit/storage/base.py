@@ -102,7 +102,7 @@ class Storage(ABC):
         end = start + max_counters
         return CounterPage(statuses[start:end], str(end) if end < len(statuses) else None)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - a default, not abstract: a storage without connections has nothing to release
         """Release connections and background tasks."""
 
 

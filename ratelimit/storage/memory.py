@@ -23,14 +23,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError, StorageFullError
-from ratelimit.limits import Limit
+from ratelimit.limits import Identity, Limit
 from ratelimit.storage import kernels
-from ratelimit.storage.base import CounterSet, Storage
+from ratelimit.storage.base import CounterPage, CounterSet, Storage
 from ratelimit.storage.table import CounterTable, TableStats, warm_up
 
 DEFAULT_CAPACITY = 2_000_000
@@ -55,12 +54,12 @@ _FULL_MESSAGES = {
 
 
 @dataclass(slots=True)
-class CounterPage:
-    """One page of a counter listing; pass `next_cursor` back for the next page (None: the end)."""
+class RowPage:
+    """One page of list_counters; pass `next_cursor` (a row number) back for the next page (None: the
+    end). get_counters_page answers the storage interface's CounterPage, whose cursor is text."""
 
     counters: list[CounterStatus]
-    next_cursor: Any
-    """A row number from list_counters, its text from get_counters_page; None at the end."""
+    next_cursor: int | None
 
 
 class _Plan:
@@ -93,7 +92,7 @@ class MemoryStorage(Storage):
         self._buf = self.table.buf
         self._clock = clock
         self._max_values = np.zeros(self.table.limit_slots, dtype=np.int64)
-        self._no_by_identity: dict[tuple, int] = {}
+        self._no_by_identity: dict[Identity, int] = {}
         self._limit_by_no: dict[int, Limit] = {}
         self._generation = 0
 
@@ -157,7 +156,7 @@ class MemoryStorage(Storage):
         return statuses
 
     def list_counters(self, limits: Sequence[Limit], *, cursor: int = 0, max_counters: int = LIST_PAGE,
-                      variable: str | None = None, value: str | None = None) -> CounterPage:
+                      variable: str | None = None, value: str | None = None) -> RowPage:
         """Live counters of `limits` from `cursor` on, at most `max_counters` of them; with
         `variable` and `value`, only counters whose variable (its CEL source text, as in
         `set_variables`) resolved to `value`. See `_page` for how the lock is held."""
@@ -186,7 +185,7 @@ class MemoryStorage(Storage):
         return CounterPage(page.counters, None if page.next_cursor is None else str(page.next_cursor))
 
     def _page(self, limits: Sequence[Limit], cursor: int, max_counters: int, needle: bytes | None,
-              match: Callable[[Counter], bool] | None) -> CounterPage:
+              match: Callable[[Counter], bool] | None) -> RowPage:
         """Scan the table from row `cursor` in chunks of LIST_SCAN_ROWS rows, each copied out under
         the lock (a fraction of a millisecond) and turned into CounterStatus outside it, until
         `max_counters` counters or LIST_ROWS_PER_PAGE rows; the page may hold fewer counters than
@@ -203,7 +202,7 @@ class MemoryStorage(Storage):
                 limit_of_no[no] = limit
         statuses: list[CounterStatus] = []
         if not limit_of_no:
-            return CounterPage(statuses, None)
+            return RowPage(statuses, None)
         needle_array = np.frombuffer(needle or b"", dtype=np.uint8)
         next_cursor: int | None = cursor
         scanned_until = cursor + LIST_ROWS_PER_PAGE
@@ -228,7 +227,7 @@ class MemoryStorage(Storage):
                 if match is not None and not match(counter):
                     continue
                 statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return CounterPage(statuses, next_cursor)
+        return RowPage(statuses, next_cursor)
 
     def sweep(self, max_rows: int = SWEEP_ROWS) -> int:
         """Release expired reservations and reclaim rows (idle for a window after their window ended)
@@ -273,7 +272,7 @@ class MemoryStorage(Storage):
 
     def _plan(self, counter_set: CounterSet) -> _Plan:
         plan = counter_set.storage_handle
-        if plan is not None and plan.generation == self._generation:
+        if isinstance(plan, _Plan) and plan.generation == self._generation:
             return plan
         no_by_identity = self._no_by_identity
         # Counters of limits that a concurrent reload removed are left out: their limit is gone.
@@ -326,4 +325,4 @@ def _pid() -> int:
     return os.getpid()
 
 
-__all__ = ["MemoryStorage", "CounterPage", "CounterTable", "DEFAULT_CAPACITY"]
+__all__ = ["MemoryStorage", "RowPage", "CounterTable", "DEFAULT_CAPACITY"]

@@ -59,7 +59,6 @@ from importlib import resources
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import unquote
 
-
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterSet, Storage, StorageWrapper

@@ -31,9 +31,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ratelimit.counters import Decision, Counter, CounterStatus
+from ratelimit.counters import Counter, CounterStatus, Decision
 from ratelimit.limits import Limit
-from ratelimit.storage.base import CounterSet, Storage
+from ratelimit.storage.base import CounterSet
 from ratelimit.storage.redis import (
     CHECK,
     DEFAULT_TIMEOUT,
