@@ -5,6 +5,8 @@
 #   docker run -p 8080:8080 -p 8081:8081 -v $PWD/examples/tiers.yaml:/limits/limits.yaml \
 #     -e LIMITS_FILE=/limits/limits.yaml ratelimit
 #   docker run ... ratelimit --maas /crs          # arguments go after `ratelimit serve`
+# The limitador-operator runs it as Limitador (`command: [limitador-server]`, see docs/kuadrant.md).
+# Runtime dependencies only: the `render` extra (matplotlib, for dashboards.render) is not installed.
 FROM python:3.11-slim
 
 # Only what the wheel is built from (see .dockerignore); default_limits.yaml links to examples/tiers.yaml.
@@ -21,9 +23,12 @@ RUN PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 sh deploy/install.sh /src
 WORKDIR /
 
 # numba caches compiled kernels beside the code by default, which a non-root user (and a read-only
-# root file system) cannot write: /tmp is writable in both (an emptyDir in deploy/deployment.yaml).
+# root file system) cannot write: /tmp is writable in both (an emptyDir in deploy/base/deployment.yaml);
+# where it is not either, the service falls back to another temporary directory instead of failing.
+# Any UID works (OpenShift assigns one per namespace): nothing is written outside /tmp, HOME included.
 ENV PATH=/opt/ratelimit/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
     NUMBA_CACHE_DIR=/tmp/numba-cache
 USER 10001
 EXPOSE 8080 8081

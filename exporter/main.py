@@ -35,13 +35,17 @@ Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
+DEFAULT_PORT = 8082
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ratelimit-exporter", description=__doc__.split("\n\n")[0])
     parser.add_argument("limits_file", metavar="LIMITS_FILE")
     parser.add_argument("storage", nargs="*", metavar="STORAGE",
                         help="`redis URL` (the service's Redis); `memory` only serves the catalog")
     parser.add_argument("-B", "--host", default="0.0.0.0")
-    parser.add_argument("-P", "--port", type=int, default=9090)
+    # 8082: next to the service's 8080 (HTTP) and 8081 (gRPC), clear of Prometheus' own 9090.
+    parser.add_argument("-P", "--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
     parser.add_argument("-L", "--custom-metric-labels", metavar="FILE")
     parser.add_argument("--model-catalog", metavar="FILE", action="append", default=[])
     parser.add_argument("--top-n", type=int, default=DEFAULT_TOP_N, help="counters with their own series")

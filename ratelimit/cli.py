@@ -215,7 +215,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     serve.add_argument(
         "storage", nargs="*", metavar="STORAGE",
         help="memory (default), redis URL or redis_cached URL (URL: redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://, "
-             "unix://, redis-cluster://SEED). Recognised, not supported yet: disk, distributed",
+             "unix://, redis-cluster://NODE, any node of the cluster). Recognised, not supported yet: disk, distributed",
     )
     serve.add_argument("-B", "--http-ip", metavar="IP", help="HTTP API address (env HTTP_API_HOST; default 0.0.0.0)")
     serve.add_argument("-P", "--http-port", metavar="PORT", type=_argument_type(_port),

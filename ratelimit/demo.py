@@ -135,7 +135,7 @@ def call_model(client: httpx.Client, key: dict[str, str], label: str, transcript
 def counters_view(service_url: str, transcript: Transcript) -> None:
     """Appendix E: remaining per user (clamped, never a wrapped u64) and the reset time."""
     transcript.counters = httpx.get(f"{service_url}/counters/{quote(ROUTE, safe='')}").json()
-    transcript.say(f"=== Counters on {ROUTE} (seed Appendix E) ===")
+    transcript.say(f"=== Counters on {ROUTE} ===")
     for counter in sorted(transcript.counters, key=lambda c: (c["limit"]["name"], str(c["set_variables"]))):
         limit = counter["limit"]
         user = next(iter(counter["set_variables"].values()))

@@ -28,10 +28,41 @@ ensure_venv() {
   # Re-install only when pyproject.toml changed since the last install into this venv.
   local stamp=".venv/.installed-${extra:-base}"
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e "$target"
+    echo "installing the project${extra:+ with its $extra extra} and its dependencies into .venv" \
+         "(a minute or two the first time; full log in .venv/install.log)" >&2
+    : > .venv/install.log
+    pip_with_progress --upgrade pip
+    pip_with_progress -e "$target"
     touch "$stamp"
   fi
+}
+
+# pip_with_progress ARGS...: `pip install ARGS`, its full output in .venv/install.log, and on stderr one
+# progress line (rewritten in place on a terminal; every tenth package otherwise). On failure the end
+# of the log is shown and the script stops.
+pip_with_progress() {
+  local log=.venv/install.log pid status=0 count shown=-1 last
+  .venv/bin/python -m pip install --progress-bar off "$@" >>"$log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    count=$(grep -c '^Collecting' "$log" || true)
+    last=$(grep -E '^(Collecting|Installing collected|Building)' "$log" | tail -n 1 | cut -c1-60 || true)
+    if [ -t 2 ]; then
+      printf '\r\033[K  %s packages so far: %s' "$count" "$last" >&2
+    elif [ "$count" -ne "$shown" ] && [ $((count % 10)) -eq 0 ] && [ "$count" -gt 0 ]; then
+      echo "  $count packages so far" >&2
+      shown=$count
+    fi
+  done
+  wait "$pid" || status=$?
+  [ -t 2 ] && printf '\r\033[K' >&2
+  if [ "$status" -ne 0 ]; then
+    echo "error: pip install $* failed; the end of $log:" >&2
+    tail -n 25 "$log" >&2
+    exit "$status"
+  fi
+  grep -o '^Successfully installed.*' "$log" | tail -n 1 | awk '{ if (NF > 2) print "  installed " NF - 2 " packages" }' >&2
 }
 
 # ensure_system_programs program:debian-package ...: apt-get installs the packages whose program is missing.
@@ -57,11 +88,13 @@ ensure_system_programs() {
 }
 
 # ensure_npm_packages DIR: the npm packages DIR/package-lock.json pins, installed into DIR/node_modules
-# by `npm ci` when missing or older than the lock (needs node and npm: see ensure_system_programs).
+# by `npm ci` unless the lock is the one installed last (a checksum, not a date: checkouts touch dates).
+# Needs node and npm: see ensure_system_programs.
 ensure_npm_packages() {
   local dir=$1
-  local installed="$dir/node_modules/.package-lock.json"
-  if [ -f "$installed" ] && [ ! "$dir/package-lock.json" -nt "$installed" ]; then
+  local stamp="$dir/node_modules/.installed-lock-sha256" lock_sum
+  lock_sum=$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$lock_sum" ]; then
     return 0
   fi
   echo "installing the npm packages of $dir (npm ci): $(cd "$dir" && node -e \
@@ -70,4 +103,5 @@ ensure_npm_packages() {
     echo "error: 'npm ci' in $dir failed (is the npm registry reachable?); the tests need it once" >&2
     exit 1
   fi
+  echo "$lock_sum" >"$stamp"
 }

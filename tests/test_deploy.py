@@ -18,35 +18,136 @@ from tests.conftest import EXAMPLES, REPO
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"
-SERVICE_MONITOR = REPO / "dashboards" / "generated" / "servicemonitor.yaml"
+GENERATED = REPO / "dashboards" / "generated"
+SERVICE_MONITOR = GENERATED / "servicemonitor.yaml"
 # The schemas ship inside the pinned kubernetes-validate wheel: nothing is downloaded at run time.
 KUBERNETES_VERSION = "1.30.0"
+KUSTOMIZATIONS = ("base", ".", "overlays/all")
+"""Every kustomization a user applies (components are rendered through overlays/all)."""
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "PersesDashboard"}
+"""CRDs' objects: not in the Kubernetes schemas (their shape is checked in test_dashboards.py)."""
 
 
-def manifests() -> list[tuple[Path, dict[str, Any]]]:
-    """Every Kubernetes object in deploy/ (the kustomization is kustomize's, not the API server's)."""
-    return [(path, document) for path in sorted(DEPLOY.rglob("*.yaml")) if path.name != "kustomization.yaml"
-            for document in yaml.safe_load_all(path.read_text()) if document]
+def render_in_python(directory: Path) -> list[dict[str, Any]]:
+    """What `kustomize build` gives for the subset deploy/ uses: resources (files or directories),
+    components, and JSON 6902 patches with add / replace. Used where kubectl is not installed."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    objects: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            objects.extend(render_in_python(path))
+        else:
+            objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    for entry in kustomization.get("components", []):
+        component_dir = (directory / entry).resolve()
+        component = yaml.safe_load((component_dir / "kustomization.yaml").read_text())
+        assert component["kind"] == "Component", component_dir
+        objects.extend(render_in_python(component_dir))
+        for patch in component.get("patches", []):
+            target = patch["target"]
+            [obj] = [o for o in objects if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]]
+            for operation in yaml.safe_load(patch["patch"]):
+                _json_patch(obj, operation)
+    return objects
 
 
-def find(kind: str, name: str) -> dict[str, Any]:
-    [found] = [doc for _, doc in manifests() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+def _json_patch(document: dict[str, Any], operation: dict[str, Any]) -> None:
+    *parents, last = operation["path"].strip("/").split("/")
+    node: Any = document
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if operation["op"] == "add" and last == "-":
+        node.append(operation["value"])
+    elif operation["op"] in ("add", "replace"):
+        node[int(last) if isinstance(node, list) else last] = operation["value"]
+    else:
+        raise AssertionError(f"unsupported patch op {operation}")
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize deploy/<name>` renders (kubectl when installed, else Python)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return render_in_python(DEPLOY / name)
+    done = subprocess.run([kubectl, "kustomize", str(DEPLOY / name)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def find(kind: str, name: str, kustomization: str = "base") -> dict[str, Any]:
+    [found] = [doc for doc in render(kustomization) if doc["kind"] == kind and doc["metadata"]["name"] == name]
     return found
 
 
-@pytest.mark.parametrize(("path", "document"), manifests(),
-                         ids=lambda v: v.name if isinstance(v, Path) else v["kind"] if isinstance(v, dict) else None)
-def test_manifests_are_valid_against_the_kubernetes_schemas(path: Path, document: dict[str, Any]) -> None:
-    try:
-        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as exc:
-        pytest.fail(f"{path.relative_to(REPO)}: {document['kind']} {document['metadata']['name']}: "
-                    f"{'.'.join(map(str, exc.path))}: {exc.message}")
+def _identity(document: dict[str, Any]) -> tuple[str, str]:
+    return document["kind"], document["metadata"]["name"]
 
 
-def test_the_kustomization_lists_the_service_manifests() -> None:
-    kustomization = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in DEPLOY.glob("*.yaml") if p.name != "kustomization.yaml")
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_rendered_objects_are_valid_against_the_kubernetes_schemas(kustomization: str) -> None:
+    for document in render(kustomization):
+        if document["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"deploy/{kustomization}: {document['kind']} {document['metadata']['name']}: "
+                        f"{'.'.join(map(str, exc.path))}: {exc.message}")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_python_rendering_is_kustomizes(kustomization: str) -> None:
+    """Where kubectl is missing the tests fall back on render_in_python: it must agree with it."""
+    ours = sorted(render_in_python(DEPLOY / kustomization), key=_identity)
+    assert ours == sorted(render(kustomization), key=_identity)
+
+
+def test_every_manifest_is_listed_by_its_kustomization() -> None:
+    for kustomization_file in DEPLOY.rglob("kustomization.yaml"):
+        listed = yaml.safe_load(kustomization_file.read_text()).get("resources", [])
+        present = sorted(p.name for p in kustomization_file.parent.glob("*.yaml") if p.name != "kustomization.yaml")
+        assert sorted(entry for entry in listed if entry.endswith(".yaml")) == present, kustomization_file
+
+
+@pytest.mark.parametrize("component, names", [
+    ("monitoring", ["servicemonitor.yaml", "prometheusrule.yaml"]),
+    ("dashboards", sorted(p.name for p in GENERATED.glob("*.persesdashboard.yaml"))),
+])
+def test_monitoring_and_dashboard_components_are_the_generated_files(component: str, names: list[str]) -> None:
+    """Copies (kustomize reads nothing outside a kustomization's directory): `make deploy-sync`."""
+    for name in names:
+        assert (DEPLOY / "components" / component / name).read_text() == (GENERATED / name).read_text(), (
+            f"deploy/components/{component}/{name} differs from dashboards/generated/: run `make deploy-sync`")
+
+
+def test_no_pinned_user_ids_for_openshift() -> None:
+    """OpenShift's restricted SCC assigns a UID from the namespace's range and rejects others."""
+    for document in render("overlays/all"):
+        text = yaml.safe_dump(document)
+        assert "runAsUser" not in text and "runAsGroup" not in text and "fsGroup" not in text, _identity(document)
+
+
+def test_the_redis_component_shares_counters_between_replicas() -> None:
+    deployment = find("Deployment", "ratelimit", "overlays/all")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    redis_service = find("Service", "ratelimit-redis", "overlays/all")
+    assert env["REDIS_URL"] == f"redis://{redis_service['metadata']['name']}:{redis_service['spec']['ports'][0]['port']}"
+    assert deployment["spec"]["replicas"] == 2
+
+
+def test_the_service_monitor_scrapes_the_service_and_the_exporter() -> None:
+    monitor = find("ServiceMonitor", "ratelimit", "overlays/all")
+    scraped = {endpoint["port"] for endpoint in monitor["spec"]["endpoints"]}
+    selected = [doc for doc in render("overlays/all") if doc["kind"] == "Service"
+                and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()]
+    ports = {port["name"] for service in selected for port in service["spec"]["ports"]}
+    assert scraped <= ports, (scraped, ports)
+    exporter = find("Deployment", "ratelimit-exporter", "overlays/all")
+    [container] = exporter["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["ratelimit-exporter"]
 
 
 def test_the_service_has_the_ports_the_service_monitor_scrapes_and_envoy_calls() -> None:

@@ -135,11 +135,15 @@ def test_custom_labels_file_is_reloaded(start_service: StartService, tmp_path: P
 
 
 def test_metric_labels_default_adds_the_map_it_evaluates_to(start_service: StartService, tmp_path: Path) -> None:
+    """Also Limitador's `incr_limited_calls_uses_default_labels` (prometheus_metrics.rs): the default
+    map labels limited calls too."""
     namespace = "defaults"
-    service = start_service(user_limits(tmp_path, namespace, 100), "--metric-labels-default", "descriptors[0]")
-    call(service, namespace, "eve", model="m1")
-    assert ('authorized_calls{limitador_namespace="defaults",model="m1",user="eve"} 1'
-            in service.http.get("/metrics").text)
+    service = start_service(user_limits(tmp_path, namespace, 1), "--metric-labels-default", "descriptors[0]")
+    assert call(service, namespace, "eve", model="m1") == 200
+    assert call(service, namespace, "eve", foobar="1") == 429
+    text = service.http.get("/metrics").text
+    assert 'authorized_calls{limitador_namespace="defaults",model="m1",user="eve"} 1' in text
+    assert 'limited_calls{foobar="1",limitador_namespace="defaults",user="eve"} 1' in text
 
 
 def test_structured_logs_are_json_lines_only(start_service: StartService, tmp_path: Path) -> None:

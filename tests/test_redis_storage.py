@@ -506,3 +506,28 @@ def test_cached_holds_at_most_max_cached_counters(single: RedisServer) -> None:
             assert storage.cache_size <= 10
 
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
+
+
+def test_a_retried_commit_charges_once(single: RedisServer) -> None:
+    """A client that retries Commit (its first answer was lost) must not pay twice; other
+    reservations of the same counters are untouched by the marks."""
+    asyncio.run(asyncio.wait_for(_commit_twice(single.url), HANG_GUARD))
+
+
+def test_a_retried_commit_charges_once_across_cluster_slots(cluster: RedisCluster) -> None:
+    asyncio.run(asyncio.wait_for(_commit_twice(cluster.url), HANG_GUARD))
+
+
+async def _commit_twice(url: str) -> None:
+    async with limiter(RedisStorage(url), DAY, GLOBAL) as engine:
+        first = await engine.reserve(NS, request("alice"), 20, 60)
+        other = await engine.reserve(NS, request("alice"), 5, 60)
+        assert first.reservation_id and other.reservation_id
+        committed = await engine.commit(NS, request("alice"), first.reservation_id, 12)
+        again = await engine.commit(NS, request("alice"), first.reservation_id, 12)
+        assert committed.held and not again.held
+        assert {c.limit.name: (c.value, c.reserved) for c in again.counters} == {
+            "day": (12, 5), "global": (12, 5)}
+        last = await engine.commit(NS, request("alice"), other.reservation_id, 3)
+        assert last.held
+        assert {c.limit.name: (c.value, c.reserved) for c in last.counters} == {"day": (15, 0), "global": (15, 0)}

@@ -153,8 +153,8 @@ def test_limits_file_watcher_on_docker(tmp_path: Path, limitador: list[Limitador
 
     with limits.open("a") as appending:
         appending.write(APPENDED.format(condition="a == '1'"))
-    status = wait_until(lambda: (s := process.status())["config_err_since"] and s, timeout=30,
-                        what="the refused reload")
+    wait_until(lambda: process.status()["config_err_since"] > 0, timeout=30, what="the refused reload")
+    status = process.status()
     assert "conditions[0]" in status["config_error"]
     assert "descriptors[0]['a'] == '1'" in status["config_error"]
     assert api.limits("other_namespace") == []

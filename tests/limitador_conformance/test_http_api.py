@@ -21,19 +21,17 @@ REQ_APP_ID = "descriptors[0]['app.id']"
 VALUES = {"req.method": "GET", "app.id": "1"}
 
 
-def test_limit(namespace: str, max_value: int) -> dict[str, Any]:
+def app_limit(namespace: str, max_value: int) -> dict[str, Any]:
     """Limitador's `create_test_limit`."""
     return limit(namespace, max_value, conditions=(REQ_METHOD_IS_GET,), variables=(REQ_APP_ID,))
 
 
-test_limit.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
 LIMITS = [
-    test_limit("test_limits_read", 10),
-    test_limit("test_check_and_report", 1),
-    test_limit("test_check_and_report_with_draftversion03_response_headers", 2),
-    test_limit("test_check_and_report_endpoints_separately", 1),
-    test_limit("check_with_delta_0", 1),
+    app_limit("test_limits_read", 10),
+    app_limit("test_check_and_report", 1),
+    app_limit("test_check_and_report_with_draftversion03_response_headers", 2),
+    app_limit("test_check_and_report_endpoints_separately", 1),
+    app_limit("check_with_delta_0", 1),
     limit("response_header_names", 2, conditions=(), variables=(), name='the "gold" tier'),
     limit("response_header_names", 5, seconds=3600, conditions=(), variables=()),
 ]

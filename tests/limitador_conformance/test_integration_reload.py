@@ -3,7 +3,7 @@ and `delete_limits` (`limitador/tests/integration_tests.rs`, `limitador/src/lib.
 
 The Limitador server calls `configure_with` when its limits file changes; so do these tests: they
 rewrite the running service's limits file and wait for `/status` to show the new version. Each
-case owns its namespaces; one service per storage (memory, redis) for the module.
+case owns its namespaces; one service per storage (memory, redis, redis_cached) for the module.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ INITIAL: list[dict[str, Any]] = [
 ]
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="module", params=["memory", "redis", "redis_cached"])
 def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     with serving(request.param, INITIAL, request, tmp_path_factory, "--reload-interval", "0.05") as service:
         yield service

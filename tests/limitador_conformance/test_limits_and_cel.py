@@ -214,7 +214,8 @@ def test_supports_list_bindings(service: ServiceProcess) -> None:
     def code(*maps: dict[str, str]) -> int:
         descriptors = [RateLimitDescriptor(entries=[RateLimitDescriptor.Entry(key=k, value=v) for k, v in m.items()])
                        for m in maps]
-        return stub.ShouldRateLimit(RateLimitRequest(domain="supports_list_bindings", descriptors=descriptors)).overall_code
+        answer = stub.ShouldRateLimit(RateLimitRequest(domain="supports_list_bindings", descriptors=descriptors))
+        return answer.overall_code
 
     assert code({"key": "1"}, {"key": "2"}) == RateLimitResponse.OVER_LIMIT
     assert code({"key": "1"}, {"key": "3"}) == RateLimitResponse.OK

@@ -5,7 +5,7 @@
 --       reservation id -> expiry ms); then, when ARGV[7] == '1', KEYS[2n+i] the index of counter i's
 --       limit (sorted set: counter key -> the time the counter stops being live), which /counters reads.
 -- ARGV  1 mode: A check-and-update, C check, U update, R reserve, M commit (release the reservation
---         if held, then charge)
+--         if held, then charge; nothing when this id was committed before)
 --       2 now in ms, or '' to take Redis' own TIME (so every replica uses one clock)
 --       3 delta (A, C, U, M) or amount (R)
 --       4 reservation id (R, M)      5 reservation ttl ms (R)
@@ -13,7 +13,11 @@
 --       7 '1' when index keys follow the counters' keys
 --       then per counter i: ARGV[6+2i] max_value, ARGV[7+2i] window ms
 -- Counter fields: v value, e window end ms, r total reserved, n reservations held, 'r:'..id the
--- amount reservation id holds. The script reads them all first, so it writes absolute values.
+-- amount reservation id holds, 'c:'..id present once id was committed, until the reservation's
+-- ttl: a retried commit of the same id charges nothing. The mark is also a member 'c:'..id of the
+-- reservations set, scored by minus the reservation's expiry: held reservations keep the positive
+-- scores (so the top one is still the last to expire), and marks whose time has passed are the
+-- range [-now, 0]. The script reads all fields first, so it writes absolute values.
 -- Reply {now, first counter without room (1-based, 0 = none), 1 if the reservation was held (M),
 --        then per counter: value in the running window, window end (0 = none), reserved,
 --        new live-until time (0 = unchanged; the caller indexes it when the script could not)}.
@@ -44,15 +48,24 @@ for i = 1, n do
   reserved[i], held_count[i] = tonumber(state[3]) or 0, tonumber(state[4]) or 0
   if held_count[i] > 0 then
     -- Reservations whose ttl has passed give their hold back before anything is decided.
-    local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
+    local expired = redis.call('ZRANGEBYSCORE', z, 0, now)
     if #expired > 0 then
       for _, rid in ipairs(expired) do
         reserved[i] = reserved[i] - (tonumber(redis.call('HGET', k, 'r:' .. rid)) or 0)
         redis.call('HDEL', k, 'r:' .. rid)
       end
-      redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+      redis.call('ZREMRANGEBYSCORE', z, 0, now)
       held_count[i] = held_count[i] - #expired
       redis.call('HSET', k, 'r', reserved[i], 'n', held_count[i])
+    end
+    -- Committed ids' marks whose reservation ttl has passed (swept with the holds; otherwise they
+    -- go with the keys' own expiry).
+    local spent = redis.call('ZRANGEBYSCORE', z, -now, '(0')
+    if #spent > 0 then
+      for _, mark in ipairs(spent) do
+        redis.call('HDEL', k, mark)
+      end
+      redis.call('ZREMRANGEBYSCORE', z, -now, '(0')
     end
   end
   if decides and first == 0 and value[i] + reserved[i] + delta > tonumber(ARGV[6 + 2 * i]) then
@@ -61,13 +74,22 @@ for i = 1, n do
 end
 
 local held = 0
+local repeated = false
 if mode == 'M' then
   for i = 1, n do
-    local k = KEYS[2 * i - 1]
+    if redis.call('HEXISTS', KEYS[2 * i - 1], 'c:' .. id) == 1 then
+      repeated = true
+    end
+  end
+  for i = 1, n do
+    local k, z = KEYS[2 * i - 1], KEYS[2 * i]
     local amount = tonumber(redis.call('HGET', k, 'r:' .. id))
-    if amount then
+    if amount and not repeated then
+      local expires = tonumber(redis.call('ZSCORE', z, id)) or now
       redis.call('HDEL', k, 'r:' .. id)
-      redis.call('ZREM', KEYS[2 * i], id)
+      redis.call('ZREM', z, id)
+      redis.call('HSET', k, 'c:' .. id, 1)
+      redis.call('ZADD', z, string.format('%d', -expires), 'c:' .. id)
       reserved[i], held_count[i] = reserved[i] - amount, held_count[i] - 1
       redis.call('HSET', k, 'r', reserved[i], 'n', held_count[i])
       held = 1
@@ -99,7 +121,7 @@ local function extend(i, before)
   end
 end
 
-local charge = delta > 0 and (mode == 'U' or mode == 'M' or (mode == 'A' and first == 0))
+local charge = delta > 0 and (mode == 'U' or (mode == 'M' and not repeated) or (mode == 'A' and first == 0))
 if charge then
   for i = 1, n do
     if ends[i] == 0 then
