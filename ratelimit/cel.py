@@ -342,6 +342,20 @@ class _Token:
     pos: int
 
 
+def _text_of(token: _Token) -> str:
+    """A "str" token's decoded text."""
+    if not isinstance(token.value, str):
+        raise _Unsupported
+    return token.value
+
+
+def _int_of(token: _Token) -> int:
+    """An "int" token's value."""
+    if not isinstance(token.value, int):
+        raise _Unsupported
+    return token.value
+
+
 _WHITESPACE: Final = " \t\n\r\f"
 _DIGITS: Final = "0123456789"
 _IDENT_START: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
@@ -669,7 +683,7 @@ class _Parser:
     def _primary(self) -> _Node:
         token = self._next()
         if token.kind == "str":
-            return _literal(token.value)  # type: ignore[arg-type]
+            return _literal(_text_of(token))
         if token.kind == "op" and token.text == "(":
             node = self._or()
             self._expect(")")
@@ -688,25 +702,25 @@ class _Parser:
 
     def _descriptor_entry(self) -> _Node:
         self._expect("[")
-        index = self._expect_kind("int").value
+        index = _int_of(self._expect_kind("int"))
         self._expect("]")
         if self._accept("["):
-            key = self._expect_kind("str").value
+            key = _text_of(self._expect_kind("str"))
             self._expect("]")
         else:
             self._expect(".")
             key = self._expect_kind("ident").text
             if key in _RESERVED:
                 raise _Unsupported
-        return _descriptor_entry(index, key)  # type: ignore[arg-type]
+        return _descriptor_entry(index, key)
 
     def _string_list(self) -> list[str]:
         self._expect("[")
         items: list[str] = []
         if not self._accept("]"):
-            items.append(self._expect_kind("str").value)  # type: ignore[arg-type]
+            items.append(_text_of(self._expect_kind("str")))
             while self._accept(","):
-                items.append(self._expect_kind("str").value)  # type: ignore[arg-type]
+                items.append(_text_of(self._expect_kind("str")))
             self._expect("]")
         return items
 

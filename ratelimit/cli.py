@@ -125,7 +125,7 @@ class Serve:
 
 def _number(text: str, kind: type[T]) -> T:
     try:
-        return kind(text)  # type: ignore[call-arg]
+        return kind(text)  # type: ignore[call-arg]  # kind is int or float, both take a str
     except ValueError:
         raise ValueError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
 

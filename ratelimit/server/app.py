@@ -263,6 +263,7 @@ def build_storage(config: ServiceConfig) -> Storage:
             flush_period=config.flush_period, max_cached=config.max_cached,
         )
     # Timed outside FailureMode: a decision answered open after a Redis timeout took that long too.
+    # on_storage_error is the config's text; FailureMode refuses anything but "open" and "closed".
     return TimedStorage(FailureMode(storage, config.on_storage_error))  # type: ignore[arg-type]
 
 

@@ -91,7 +91,7 @@ def _unary(
         if isinstance(request, _Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
         try:
-            return await method(request)  # type: ignore[arg-type]
+            return await method(request)  # type: ignore[arg-type]  # not _Undecodable: abort() above raises
         except InvalidRequest as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StorageError as error:

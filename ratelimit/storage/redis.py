@@ -277,7 +277,7 @@ class RedisStorage(Storage):
             held = [group for group, reply in zip(plan.groups, replies) if not isinstance(reply, BaseException)]
             self._background(asyncio.gather(*(self._run(g, COMMIT, 0, hold_id) for g in held), return_exceptions=True))
             raise failures[0]
-        return replies  # type: ignore[return-value]
+        return replies  # type: ignore[return-value]  # no failures: every reply is a Reply
 
     async def _release(self, plan: _Plan, held: list[Reply], hold_id: str) -> list[Reply]:
         """Give back phase 1's holds where a slot had room (a commit of 0 charges nothing); slots
@@ -297,12 +297,13 @@ class RedisStorage(Storage):
             now = b"" if self._clock is None else b"%d" % round(self._clock() * 1000)
             dynamic = _dynamic_arguments(mode, now, delta, reservation_id, ttl_ms)
             try:
+                # The client answers any RESP value; decide.lua always answers an integer array.
                 reply: Reply = await self._client.request(group.slot, group.command(dynamic))  # type: ignore[assignment]
             except ReplyError as exc:
                 if exc.kind != "NOSCRIPT":
                     raise
                 # The script cache was flushed since this connection loaded the script: EVAL caches it again.
-                reply = await self._client.request(group.slot, group.eval_command(dynamic))  # type: ignore[assignment]
+                reply = await self._client.request(group.slot, group.eval_command(dynamic))  # type: ignore[assignment]  # as above
         if self._client.cluster:
             self._index_later(group, reply)
         return [reply]

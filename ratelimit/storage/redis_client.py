@@ -239,7 +239,7 @@ class Connection(asyncio.Protocol):
             self._watchdog = self._loop.call_at(next_deadline, self._check_deadlines)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._transport = transport  # type: ignore[assignment]  # a stream connection's transport is a Transport
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)

@@ -197,7 +197,7 @@ class CounterTable:
         if handle is None:
             return
         try:
-            handle.close()  # type: ignore[attr-defined]
+            handle.close()  # type: ignore[attr-defined]  # a SharedMemory or mmap handle; both close
         except BufferError:
             pass  # arrays still view the block; it is unmapped when they are gone
 
