@@ -203,7 +203,7 @@ class MemoryStorage(Storage):
         statuses: list[CounterStatus] = []
         if not limit_of_no:
             return RowPage(statuses, None)
-        needle_array = np.frombuffer(needle or b"", dtype=np.uint8)
+        needle_array = np.array(bytearray(needle or b""), dtype=np.uint8)  # writable: the type warm_up compiled
         next_cursor: int | None = cursor
         scanned_until = cursor + LIST_ROWS_PER_PAGE
         while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
