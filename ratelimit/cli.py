@@ -80,6 +80,7 @@ and this service's own:
   RATELIMIT_RELOAD_INTERVAL            --reload-interval
   RATELIMIT_HTTP_MAX_CONNECTIONS       --http-max-connections
   RATELIMIT_HTTP_HEADER_TIMEOUT        --http-header-timeout
+  RATELIMIT_WORKERS                    --workers
 Refused at start: DISK_PATH, DISK_OPTIMIZE (no disk storage), REDIS_LOCAL_CACHE_MAX_TTL_CACHED_COUNTERS_MS and
 REDIS_LOCAL_CACHE_TTL_RATIO_CACHED_COUNTERS (no longer read by Limitador either).
 """
@@ -277,6 +278,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     serve.add_argument("--tracing-endpoint", metavar="URL", type=_argument_type(_tracing_endpoint),
                        help="export a span per decision over OTLP/gRPC to URL, e.g. http://collector:4317 "
                             "(env TRACING_ENDPOINT; default: off)")
+    serve.add_argument("--workers", metavar="N|auto", type=_argument_type(_workers),
+                       help="processes serving the same ports and one shared memory table (env RATELIMIT_WORKERS; "
+                            "auto: the usable cores; default 1)")
     serve.add_argument("-v", dest="verbosity", action="count", default=0,
                        help="more logging: -v warnings, -vv info, -vvv debug, -vvvv trace (default: errors, "
                             "or RUST_LOG's level)")
@@ -410,6 +414,7 @@ def parse_command(
         structured_logs=args.structured_logs,
         tracing_endpoint=setting(args.tracing_endpoint, "TRACING_ENDPOINT", _tracing_endpoint, ""),
         reload_interval=setting(args.reload_interval, "RATELIMIT_RELOAD_INTERVAL", _positive_float, DEFAULT_INTERVAL),
+        workers=setting(args.workers, "RATELIMIT_WORKERS", _workers, 1),
         http_max_connections=setting(args.http_max_connections, "RATELIMIT_HTTP_MAX_CONNECTIONS", _positive_int, None),
         http_header_timeout=setting(
             args.http_header_timeout, "RATELIMIT_HTTP_HEADER_TIMEOUT", _positive_float, DEFAULT_HEADER_TIMEOUT
@@ -530,6 +535,12 @@ def translate(paths: Sequence[str]) -> int:
     return 0
 
 
+def _workers(text: str) -> int:
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    return _positive_int(text)
+
+
 def serve(command: Serve) -> int:
     config = command.config
     logs.configure_logging(config.log_level, config.structured_logs)
@@ -540,6 +551,10 @@ def serve(command: Serve) -> int:
     for notice in command.notices:
         logs.STARTUP.warning("%s", notice)
     try:
+        if config.workers > 1:
+            from ratelimit.server.workers import run_workers
+
+            return run_workers(config, config.workers)
         asyncio.run(run_service(config))
     except LimitsError as exc:
         logger.error("cannot start, invalid limits file: %s", exc)

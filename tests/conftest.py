@@ -157,11 +157,11 @@ def start_service(request: pytest.FixtureRequest) -> Iterator[Callable[..., Serv
 
     def start(
         limits_file: str | os.PathLike[str] | None, *args: str, env: Mapping[str, str] | None = None,
-        launcher: Sequence[str] | None = None,
+        launcher: Sequence[str] | None = None, timeout: float = STARTUP_TIMEOUT,
     ) -> ServiceProcess:
         service = ServiceProcess(limits_file, *args, env=env, launcher=launcher)
         started.append(service)
-        return service.start()
+        return service.start(timeout)
 
     yield start
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.redis import DEFAULT_TIMEOUT, FailureMode, RedisStorage
+from ratelimit.storage.table import CounterTable
 from ratelimit.storage.redis_cached import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUSH_PERIOD,
@@ -122,6 +124,12 @@ class ServiceConfig:
     """Open HTTP connections allowed; None: what the open-file limit leaves (at most 10,000)."""
     http_header_timeout: float = DEFAULT_HEADER_TIMEOUT
     """Seconds a client may take to send a request head."""
+    workers: int = 1
+    """Processes serving the same ports and one shared memory table (`--workers`; ratelimit.server.workers)."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT (set for each worker by the supervisor)."""
+    shared_table: str | None = None
+    """The memory storage's shared table to attach to (set for each worker by the supervisor)."""
 
 
 class ManagedServer(Protocol):
@@ -150,9 +158,19 @@ class HttpServer:
 
     def __init__(
         self, app: FastAPI | Any, host: str, port: int, max_connections: int,
-        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT, reuse_port: bool = False,
     ) -> None:
         self.address = f"{host}:{port}"
+        self._socket: socket.socket | None = None
+        if reuse_port:
+            # Workers share the port; the kernel spreads new connections over them.
+            self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                self._socket.bind((host, port))
+            except OSError as exc:
+                raise ServerError(f"{self.name} could not start on {self.address}: {exc.strerror}") from None
         # No log config and no level of uvicorn's own: its loggers go through ratelimit.logs.
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, log_level=None,
@@ -164,7 +182,7 @@ class HttpServer:
 
     async def serve(self) -> None:
         try:
-            await self._server.serve()
+            await self._server.serve(sockets=[self._socket] if self._socket is not None else None)
         except SystemExit:
             # uvicorn calls sys.exit(1) when it cannot bind; that must not unwind the shared loop.
             raise ServerError(f"{self.name} could not start on {self.address} (see the log above)") from None
@@ -253,6 +271,8 @@ def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
 
 def build_storage(config: ServiceConfig) -> Storage:
     if config.storage == "memory":
+        if config.shared_table is not None:
+            return MemoryStorage(table=CounterTable.attach(config.shared_table))
         return MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY)
     assert config.storage_url is not None
     if config.storage == "redis":
@@ -283,9 +303,10 @@ def build_servers(
         http_app = tracing.http_middleware(http_app)
         interceptors.append(tracing.grpc_interceptor())
     servers: list[ManagedServer] = [
-        HttpServer(http_app, config.http_ip, config.http_port, max_connections, config.http_header_timeout),
+        HttpServer(http_app, config.http_ip, config.http_port, max_connections, config.http_header_timeout,
+                   config.reuse_port),
         GrpcServer(service, config.rls_ip, config.rls_port, config.grpc_reflection, GRACEFUL_SHUTDOWN_SECONDS,
-                   meter_config=meter_config, interceptors=interceptors),
+                   meter_config=meter_config, interceptors=interceptors, reuse_port=config.reuse_port),
     ]
     return servers
 

@@ -133,7 +133,10 @@ class GrpcServer:
     def __init__(
         self, service: Service, host: str, port: int, reflection: bool = False, grace: float = 10.0,
         meter_config: MeterConfig | None = None, interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port
+        """Share the port with the other workers (`--workers`); otherwise a taken port fails the start."""
         self.service = service
         self.meter_config = meter_config or MeterConfig()
         self.interceptors = list(interceptors)
@@ -148,7 +151,10 @@ class GrpcServer:
         self._server: grpc.aio.Server | None = None
 
     async def serve(self) -> None:
-        server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=self.interceptors or None)
+        options = _SERVER_OPTIONS
+        if self.reuse_port:
+            options = [option for option in options if option[0] != "grpc.so_reuseport"] + [("grpc.so_reuseport", 1)]
+        server = grpc.aio.server(options=options, interceptors=self.interceptors or None)
         server.add_generic_rpc_handlers(rate_limit_handlers(self.service))
         server.add_generic_rpc_handlers([ext_proc_handler(self.service, self.meter_config)])
         health = health_aio.HealthServicer()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal
@@ -223,6 +224,10 @@ PAGE_CHUNK = 200
 """Counters asked of the storage at a time while one call collects its answer: building a counter's
 status costs some microseconds, so a chunk keeps the event loop for about a millisecond."""
 NEXT_CURSOR_HEADER = "X-Next-Cursor"
+WORKER_HEADER = "X-Ratelimit-Pid"
+_STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "The service's configuration status", "headers": {
+    WORKER_HEADER: {"description": "The process that answered (which worker, with `--workers`).", "schema": _STRING}
+}}}
 _COUNTERS_PARAMETERS = frozenset({"limit", "cursor", "variable"})
 
 _LIMIT_DOC = f"Most counters to return (1 to {MAX_COUNTERS_PER_CALL}, also the default)."
@@ -404,9 +409,10 @@ def create_http_app(service: Service) -> FastAPI:
         """Limitador's path for its API document (Swagger 2.0 there, this OpenAPI 3.1 one here)."""
         return JSONResponse(app.openapi())
 
-    @app.get("/status", response_model=StatusBody, tags=["service"])
-    async def status() -> dict[str, Any]:
+    @app.get("/status", response_model=StatusBody, tags=["service"], responses=_STATUS_RESPONSES)
+    async def status(response: Response) -> dict[str, Any]:
         config = service.status
+        response.headers[WORKER_HEADER] = str(os.getpid())
         return {
             "started_at": config.started_at.isoformat(),
             "config_applied_at": config.config_applied_at.isoformat() if config.config_applied_at else None,

@@ -1,0 +1,101 @@
+"""`ratelimit serve --workers 2`: two processes on the same ports and one shared memory table
+decide exactly as one process would."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServiceProcess, wait_until
+
+LIMITS = """
+- {namespace: w, name: per-user, max_value: 1000, seconds: 600, variables: ["descriptors[0]['user']"]}
+- {namespace: s, name: burst, max_value: 5, seconds: 600, variables: ["descriptors[0]['user']"]}
+- {namespace: s, name: daily, max_value: 8, seconds: 3600, variables: ["descriptors[0]['user']"]}
+"""
+
+
+@pytest.fixture
+def workers(tmp_path: Path, start_service) -> ServiceProcess:  # type: ignore[no-untyped-def]
+    path = tmp_path / "limits.yaml"
+    path.write_text(LIMITS)
+    return start_service(path, "--workers", "2", "-v", timeout=90)
+
+
+def clients_on_each_worker(service: ServiceProcess) -> dict[str, httpx.Client]:
+    """Keep-alive clients, one per worker (a connection stays with the worker that accepted it)."""
+    found: dict[str, httpx.Client] = {}
+    for _ in range(200):
+        client = httpx.Client(base_url=service.url, timeout=30)
+        pid = client.get("/status").headers["x-ratelimit-pid"]
+        if pid in found:
+            client.close()
+        else:
+            found[pid] = client
+        if len(found) == 2:
+            return found
+    raise AssertionError(f"200 connections all reached {list(found)}")
+
+
+def test_exactly_the_limit_is_admitted_across_workers(workers: ServiceProcess) -> None:
+    pids: set[str] = set()
+
+    def one(i: int) -> int:
+        with httpx.Client(base_url=workers.url, timeout=60) as client:  # a new connection: any worker
+            body = {"namespace": "w", "values": {"user": "alice"}, "delta": 1}
+            status = client.post("/check_and_report", json=body).status_code
+            try:  # the same connection, so the same worker
+                pids.add(client.get("/status").headers["x-ratelimit-pid"])
+            except httpx.TransportError:
+                pass  # the worker closed the idle keep-alive connection meanwhile (a loaded machine)
+            return status
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        statuses = list(pool.map(one, range(1600)))
+    assert len(pids) == 2, "every call reached the same worker"
+    assert statuses.count(200) == 1000 and statuses.count(429) == 600
+
+
+def test_stacked_limits_and_cross_worker_commit(workers: ServiceProcess) -> None:
+    first, second = clients_on_each_worker(workers).values()
+    body = {"namespace": "s", "values": {"user": "bob"}, "delta": 1}
+    answers = [(first if i % 2 else second).post("/check_and_report", json=body).status_code for i in range(7)]
+    assert answers == [200] * 5 + [429] * 2  # the burst limit, whichever worker answers
+    used = {c["limit"]["name"]: c["remaining"] for c in first.get("/counters/s").json()}
+    assert used == {"burst": 0, "daily": 3}  # the refused calls charged neither window
+
+    reserve = {"namespace": "w", "values": {"user": "carol"}, "amount": 600, "ttl_seconds": 60}
+    reservation = first.post("/reserve", json=reserve).json()["reservation_id"]
+    assert second.post("/reserve", json=reserve).status_code == 429  # the other worker sees the hold
+    commit = {"namespace": "w", "values": {"user": "carol"}, "reservation_id": reservation, "actual": 100}
+    assert second.post("/commit", json=commit).json() == {"reservation_held": True}
+    [counter] = first.get("/counters/w", params={"variable": "user:carol"}).json()
+    assert counter["remaining"] == 900 and counter["reserved"] == 0
+    for client in (first, second):
+        client.close()
+
+
+def test_a_dead_worker_is_restarted(workers: ServiceProcess) -> None:
+    pids = list(clients_on_each_worker(workers))
+    os.kill(int(pids[0]), signal.SIGKILL)
+    wait_until(lambda: "restarting it (1 restarts so far)" in workers.output(), timeout=30, what="the restart")
+
+    def two_live_workers() -> bool:
+        seen = set()
+        for _ in range(100):
+            try:
+                with httpx.Client(base_url=workers.url, timeout=10) as client:
+                    seen.add(client.get("/status").headers["x-ratelimit-pid"])
+            except httpx.TransportError:
+                continue
+            if len(seen) == 2:
+                return pids[0] not in seen
+        return False
+
+    wait_until(two_live_workers, timeout=90, interval=0.5, what="a new worker answering")
+    assert workers.stop() == 0  # SIGTERM drains every worker
