@@ -24,7 +24,9 @@ LIMITS = """
 def workers(tmp_path: Path, start_service) -> ServiceProcess:  # type: ignore[no-untyped-def]
     path = tmp_path / "limits.yaml"
     path.write_text(LIMITS)
-    return start_service(path, "--workers", "2", "-v", timeout=90)
+    # A generous header timeout: on a loaded machine a client thread may stall between connecting
+    # and sending its request for longer than the default 10 s (it would get a 408).
+    return start_service(path, "--workers", "2", "-v", "--http-header-timeout", "120", timeout=90)
 
 
 def clients_on_each_worker(service: ServiceProcess) -> dict[str, httpx.Client]:
@@ -98,4 +100,6 @@ def test_a_dead_worker_is_restarted(workers: ServiceProcess) -> None:
         return False
 
     wait_until(two_live_workers, timeout=90, interval=0.5, what="a new worker answering")
-    assert workers.stop() == 0  # SIGTERM drains every worker
+    assert workers.process is not None
+    workers.process.send_signal(signal.SIGTERM)  # drains every worker, then the supervisor exits
+    assert workers.process.wait(timeout=120) == 0

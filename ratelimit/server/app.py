@@ -49,13 +49,13 @@ from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.redis import DEFAULT_TIMEOUT, FailureMode, RedisStorage
-from ratelimit.storage.table import CounterTable
 from ratelimit.storage.redis_cached import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUSH_PERIOD,
     DEFAULT_MAX_CACHED,
     CachedRedisStorage,
 )
+from ratelimit.storage.table import CounterTable
 
 logger = logging.getLogger(__name__)
 

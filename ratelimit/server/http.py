@@ -246,7 +246,7 @@ _NEXT_CURSOR_HEADER = {
         "schema": _STRING,
     }
 }
-_DESCRIPTOR_KEY = re.compile(r"""^descriptors\[\d+\](?:\[(['"])(.*)\1\]|\.([A-Za-z_][A-Za-z0-9_]*))$""", re.S)
+_DESCRIPTOR_KEY = re.compile(r"""^descriptors\[\d+\](?:\[(['"])(.*)\1\]|\.([A-Za-z_][A-Za-z0-9_]*))$""", re.DOTALL)
 
 
 def _counters_json(statuses: list[CounterStatus]) -> str:

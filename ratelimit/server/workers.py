@@ -60,12 +60,24 @@ def _worker_main(config: ServiceConfig, index: int) -> None:
     from ratelimit.server.app import run_service
 
     logs.configure_logging(config.log_level, config.structured_logs)  # a spawned process starts bare
+    _stop_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes signals on; ^C reaches all at once
     try:
         asyncio.run(run_service(config))
     except Exception:
         logger.exception("worker %d failed", index)
         raise SystemExit(1) from None
+
+
+def _stop_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the supervisor dies (killed -9): no orphaned worker keeps the ports."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_workers(config: ServiceConfig, workers: int) -> int:
