@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ LIMITS = """
 
 
 @pytest.fixture
-def workers(tmp_path: Path, start_service) -> ServiceProcess:  # type: ignore[no-untyped-def]
+def workers(tmp_path: Path, start_service: Callable[..., ServiceProcess]) -> ServiceProcess:
     path = tmp_path / "limits.yaml"
     path.write_text(LIMITS)
     # A generous header timeout: on a loaded machine a client thread may stall between connecting
