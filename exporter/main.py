@@ -25,7 +25,7 @@ from exporter.quota import DEFAULT_TOP_N, QuotaCollector
 from exporter.service import engine_counters
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import LimitsError, load_limits_file
-from ratelimit.metrics import MetricLabelsError, load_custom_labels
+from ratelimit.metrics import MetricLabelsError, StorageHealth, load_custom_labels
 from ratelimit.sources.maas_naming import CatalogError, load_catalog
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import MemoryStorage
@@ -58,6 +58,7 @@ def build_storage(parser: argparse.ArgumentParser, words: Sequence[str]) -> Stor
             return MemoryStorage()
         case ["redis" | "redis_cached", url]:
             # redis_cached writes back to the same keys, so reading them plainly is right for both.
+            # Listing reads pages on connections of their own, each page within the listing timeout.
             return RedisStorage(url)
     parser.error("storage must be `memory` or `redis URL`")
 
@@ -100,11 +101,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     quota = QuotaCollector(engine_counters(engine), labels, args.top_n)
     registry.register(quota)
     registry.register(CatalogCollector(catalog))
+    registry.register(StorageHealth(engine.storage))  # datastore_listing_failures, datastore_partitioned
     server = uvicorn.Server(uvicorn.Config(ExporterApp(registry, quota), host=args.host, port=args.port,
                                            log_level="warning"))
 
     async def serve() -> None:
         try:
+            await engine.storage.start()  # Redis: reachability probe (datastore_partitioned), start-up log
             await server.serve()
         finally:  # the Redis client belongs to this loop: close it here
             await engine.storage.close()

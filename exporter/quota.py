@@ -61,6 +61,9 @@ class QuotaCollector:
         self._custom = dict(sorted((custom_labels or {}).items()))
         self.top_n = top_n
         self._statuses: Sequence[CounterStatus] = ()
+        self.listing_ok = True
+        """Whether the last refresh read the counters (`ratelimit_quota_listing_ok`)."""
+        self.failed_listings = 0
 
     def set_custom_labels(self, custom_labels: Mapping[str, Expression]) -> None:
         self._custom = dict(sorted(custom_labels.items()))
@@ -69,9 +72,18 @@ class QuotaCollector:
         try:
             self._statuses = await self._read()
         except StorageError as exc:
-            # The call series must still be scraped while Redis is away; stale quota would mislead.
-            logger.warning("quota metrics: cannot read counters: %s", exc)
+            # The call series must still be scraped while Redis is away; stale quota would mislead,
+            # so no quota series, and ratelimit_quota_listing_ok 0 says why (not "no counters").
+            self.failed_listings += 1
+            if self.listing_ok:
+                logger.error("quota metrics: cannot read counters (ratelimit_quota_listing_ok is 0 until "
+                             "they can be read again): %s", exc)
+            self.listing_ok = False
             self._statuses = ()
+            return
+        if not self.listing_ok:
+            logger.error("quota metrics: counters read again, after %d failed listings", self.failed_listings)
+        self.listing_ok = True
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the snapshot; nothing to reserve up front
@@ -85,6 +97,8 @@ class QuotaCollector:
             "reset": Metric("ratelimit_quota_reset_seconds", "Seconds until the window resets", "gauge"),
             "utilisation": Metric("ratelimit_quota_utilisation", "used / limit (1 is exhausted)", "gauge"),
         }
+        listing_ok = Metric("ratelimit_quota_listing_ok", "1 when the last scrape could read the counters", "gauge")
+        listing_ok.add_sample(listing_ok.name, {}, 1 if self.listing_ok else 0)
         counts = Metric("ratelimit_quota_counters", "Live counters per limit (before the top-N cap)", "gauge")
         for row in self._rows():
             labels = dict(zip(label_names, (row.namespace, row.limit_name, row.window, row.counter, *row.labels)))
@@ -94,7 +108,7 @@ class QuotaCollector:
         for (namespace, name, window), number in self._counter_counts().items():
             counts.add_sample(counts.name, {NAMESPACE_LABEL: namespace, "limit_name": name,
                                             "window_seconds": window}, number)
-        return [*families.values(), counts, self._at_or_above()]
+        return [listing_ok, *families.values(), counts, self._at_or_above()]
 
     def _rows(self) -> list[_Row]:
         """The top_n busiest counters, then one summed row per (namespace, limit) for the rest."""

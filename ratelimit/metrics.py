@@ -332,20 +332,32 @@ class TimedStorage(StorageWrapper):
 
 
 class StorageHealth:
-    """A /metrics collector: `datastore_partitioned` (gauge: 1 while the storage cannot reach Redis,
-    Limitador's name) and `datastore_errors` (counter: decisions the storage could not answer,
-    answered per --on-storage-error).
+    """A /metrics collector over a storage's plain-data `status` (ratelimit.storage.base.StorageStatus):
 
-    Storages keep only plain state (`partitioned`, `errors` attributes, forwarded by wrappers); this
-    collector reads it at scrape time, so the storages never import prometheus_client. A storage
-    without the attributes shows 0."""
+    - `datastore_partitioned` (gauge, Limitador's name): 1 while the storage cannot reach Redis;
+    - `datastore_errors`: decisions the storage could not answer, answered per --on-storage-error;
+    - `datastore_counters_lost`: Redis restarts that came back without the counters (no persistence);
+    - `datastore_listing_failures`: counter listings (/counters pages, quota scrapes) that failed;
+    - `datastore_unwritten_hits`: hits redis_cached could not write back (full while partitioned, or shutdown).
+    A storage without a backend (memory) shows 0 everywhere."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
     def collect(self) -> list[Metric]:
+        status = self.storage.status
         partitioned = Metric("datastore_partitioned", "1 while the counter storage cannot reach Redis", "gauge")
-        partitioned.add_sample("datastore_partitioned", {}, 1 if getattr(self.storage, "partitioned", False) else 0)
-        errors = Metric("datastore_errors", "Decisions the counter storage could not answer", "counter")
-        errors.add_sample("datastore_errors", {}, getattr(self.storage, "errors", 0))
-        return [partitioned, errors]
+        partitioned.add_sample("datastore_partitioned", {}, 0 if status.reachable else 1)
+        families = [partitioned]
+        for name, help_text, value in (
+            ("datastore_errors", "Decisions the counter storage could not answer", status.decision_errors),
+            ("datastore_counters_lost", "Redis restarts that lost every counter (no persistence)",
+             status.counters_lost),
+            ("datastore_listing_failures", "Counter listings (/counters, quota) that failed", status.listing_failures),
+            ("datastore_unwritten_hits", "Hits the write-behind cache could not write back to Redis",
+             status.unwritten_hits),
+        ):
+            family = Metric(name, help_text, "counter")
+            family.add_sample(name, {}, value)
+            families.append(family)
+        return families

@@ -143,7 +143,8 @@ def test_promtool_check_metrics_on_the_service(start_service, total: bool) -> No
     if total:
         assert result.returncode == 0 and warnings == []
     else:
-        bare = ["authorized_calls", "authorized_hits", "datastore_errors", "limited_calls"]
+        bare = ["authorized_calls", "authorized_hits", "datastore_counters_lost", "datastore_errors",
+                "datastore_listing_failures", "datastore_unwritten_hits", "limited_calls"]
         assert warnings == [f'{name} counter metrics should have "_total" suffix' for name in bare]
 
 

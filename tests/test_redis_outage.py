@@ -1,14 +1,18 @@
-"""Redis killed under load, then restarted, under a real service process (R2).
+"""Redis faults under a real service process and a real `redis-server`: killed, hung (SIGSTOP),
+restarted with and without its data, down at start-up, down at shutdown.
 
 No crash; while Redis is down every request is answered per the failure mode (`closed`: 503,
 `open`: admitted; `redis_cached`: limited locally), `datastore_partitioned` is 1 and failures are
-counted; once Redis is back the service is served from it again. How long recovery took is printed
-(`-s`), not asserted (the limit below only stops a broken build from hanging the run).
+counted, readiness (`/ready`, gRPC health) says whether decisions can be answered, each outage is
+logged once; once Redis is back the service is served from it again. How long detection and
+recovery took is printed (`-s`); only the issue's own bound (2 s) is asserted, with a wide margin
+for a loaded machine (READINESS_BOUND).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import time
@@ -16,19 +20,25 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import os
+import signal
+
 import grpc
 import httpx
 import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import ServiceProcess, wait_until
-from tests.redis_fixtures import RedisServer, fresh_redis  # noqa: F401  (fixture)
+from tests.redis_fixtures import RedisServer, _require_redis, fresh_redis  # noqa: F401  (fixture)
 
 NS = "maas/model"
 CLIENTS = 16
 HANG_GUARD = 15.0
+READINESS_BOUND = 2.0 + 3.0
+"""The issue's 2 s for readiness to follow Redis, plus a margin for 8 test runs sharing 2 cores."""
 
 
 @dataclass
@@ -43,6 +53,9 @@ class Load:
     """CLIENTS concurrent callers sending check_and_report in a loop from a thread, until stopped."""
 
     service: ServiceProcess
+    new_user_every: int = 0
+    """When > 0, every caller switches to a user never seen before after this many requests (so
+    decisions keep needing counters the service has not read yet)."""
     answers: list[Answer] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -54,8 +67,11 @@ class Load:
 
     async def _run(self) -> None:
         async with httpx.AsyncClient(base_url=self.service.url, timeout=10) as client:
-            async def caller(user: str) -> None:
+            async def caller(name: str) -> None:
+                sent_count = 0
                 while not self._stop.is_set():
+                    user = f"{name}-{sent_count // self.new_user_every}" if self.new_user_every else name
+                    sent_count += 1
                     sent = time.monotonic()
                     try:
                         response = await client.post(
@@ -88,11 +104,11 @@ def limits_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def load() -> Iterator[Callable[[ServiceProcess], Load]]:
+def load() -> Iterator[Callable[..., Load]]:
     started: list[Load] = []
 
-    def start(service: ServiceProcess) -> Load:
-        started.append(Load(service).start())
+    def start(service: ServiceProcess, new_user_every: int = 0) -> Load:
+        started.append(Load(service, new_user_every).start())
         return started[-1]
 
     yield start
@@ -162,3 +178,207 @@ def test_redis_killed_under_load_then_restarted(
     with fresh_redis.client() as client:
         assert client.keys("rl:{maas/model|user-*")  # charges reach the new Redis
     print(f"{storage} {mode}: served from Redis again {recovered - back:.3f}s after it came back")
+
+
+# -- hangs, restarts, start-up and shutdown ---------------------------------------------------------
+
+
+def health(service: ServiceProcess) -> int:
+    answer = health_pb2_grpc.HealthStub(service.grpc).Check(health_pb2.HealthCheckRequest(), timeout=HANG_GUARD)
+    return int(answer.status)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def ready(service: ServiceProcess) -> int:
+    return service.http.get("/ready").status_code
+
+
+def seconds_until(condition: Callable[[], bool], bound: float, what: str) -> float:
+    """Poll until `condition` holds; fail past `bound` seconds; how long it took."""
+    start = time.monotonic()
+    wait_until(condition, timeout=bound, what=what)
+    return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def hung(server: RedisServer) -> Iterator[None]:
+    """Redis alive but answering nothing (SIGSTOP), as a stalled node or a network partition looks."""
+    assert server.process is not None
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def test_redis_cached_keeps_deciding_through_a_hang_and_logs_it_once(
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    load: Callable[..., Load],
+) -> None:
+    service = start_service(limits_path, "redis_cached", fresh_redis.url, "--on-storage-error", "closed",
+                            "--flush-period", "100")
+    running = load(service, new_user_every=3)  # mostly counters this replica has never read
+    assert set(wait_for_answers(running, 0)) == {200}
+    with hung(fresh_redis):
+        hang = time.monotonic()
+        seen = seconds_until(lambda: metric(service, "datastore_partitioned") == 1, HANG_GUARD, "the partition")
+        wait_for_answers(running, time.monotonic(), count=200)
+        during = running.since(hang)
+        assert set(during) == {200}, f"answers during the hang: {sorted(set(during))}"  # none UNAVAILABLE
+        assert should_rate_limit(service) == grpc.StatusCode.OK
+        assert health(service) == SERVING and ready(service) == 200  # it answers: it is ready
+        print(f"\nredis_cached hang: {len(during)} answers, all 200; partition seen after {seen:.3f}s; "
+              f"slowest answer {running.slowest_since(hang):.3f}s")
+    back = seconds_until(lambda: metric(service, "datastore_partitioned") == 0, HANG_GUARD, "recovery")
+    print(f"redis_cached hang: served from Redis again {back:.3f}s after SIGCONT")
+    assert set(wait_for_answers(running, time.monotonic())) == {200}
+    running.stop()
+    output = service.output()
+    assert output.count("Partition to Redis detected") == 1, output[-3000:]
+    assert output.count("Redis reachable again after") == 1, output[-3000:]
+    assert "Traceback" not in output
+
+
+def test_redis_closed_is_unavailable_and_not_serving_through_a_hang(
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    load: Callable[..., Load],
+) -> None:
+    service = start_service(limits_path, "redis", fresh_redis.url, "--on-storage-error", "closed")
+    running = load(service)
+    assert set(wait_for_answers(running, 0)) == {200}
+    assert health(service) == SERVING and ready(service) == 200
+    with hung(fresh_redis):
+        not_serving = seconds_until(lambda: health(service) == NOT_SERVING, READINESS_BOUND, "NOT_SERVING")
+        not_ready = seconds_until(lambda: ready(service) == 503, READINESS_BOUND, "/ready 503")
+        settled = time.monotonic()
+        assert set(wait_for_answers(running, settled)) == {503}
+        assert should_rate_limit(service) == grpc.StatusCode.UNAVAILABLE
+        assert service.http.get("/status").status_code == 200  # liveness stays up
+        print(f"\nredis closed hang: NOT_SERVING after {not_serving:.3f}s, /ready 503 {not_ready:.3f}s later; "
+              f"slowest answer while hung {running.slowest_since(settled):.3f}s")
+    serving = seconds_until(lambda: health(service) == SERVING and ready(service) == 200, READINESS_BOUND,
+                            "SERVING again")
+    recovered = time.monotonic()
+    assert set(wait_for_answers(running, recovered)) == {200}
+    print(f"redis closed hang: SERVING and ready {serving:.3f}s after SIGCONT")
+    running.stop()
+    output = service.output()
+    assert output.count("counter storage failing") == 1, output[-3000:]
+    assert output.count("counter storage answering again after") == 1, output[-3000:]
+
+
+def limited_user_limits(tmp_path: Path) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(f"- namespace: {NS}\n  max_value: 5\n  seconds: 600\n  conditions: []\n"
+                    f"  variables: [\"descriptors[0]['user']\"]\n")
+    return path
+
+
+def spend(service: ServiceProcess, user: str, times: int) -> list[int]:
+    return [service.http.post("/check_and_report", json={"namespace": NS, "values": {"user": user}, "delta": 1})
+            .status_code for _ in range(times)]
+
+
+@pytest.mark.parametrize("storage", ["redis", "redis_cached"])
+def test_a_restart_without_persistence_is_logged_and_counted_as_counter_loss(
+    fresh_redis: RedisServer, tmp_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    storage: str,
+) -> None:
+    options = ["--flush-period", "50"] if storage == "redis_cached" else []
+    service = start_service(limited_user_limits(tmp_path), storage, fresh_redis.url, *options)
+    assert spend(service, "alice", 6) == [200] * 5 + [429]
+    assert metric(service, "datastore_counters_lost") == 0
+    fresh_redis.kill()
+    fresh_redis.start()  # no persistence: an empty Redis
+    wait_until(lambda: metric(service, "datastore_counters_lost") == 1, timeout=HANG_GUARD, what="the loss")
+    output = service.output()
+    assert output.count("restarted without its data") == 1, output[-3000:]
+    if storage == "redis":
+        # What the loss means for users: a spent budget is whole again (the README says so).
+        wait_until(lambda: spend(service, "alice", 1) == [200], timeout=HANG_GUARD, what="alice admitted again")
+
+
+def test_a_restart_with_persistence_keeps_counters_and_is_not_a_loss(
+    tmp_path: Path, start_service: Callable[..., ServiceProcess],
+) -> None:
+    _require_redis()
+    server = RedisServer(None, "--appendonly", "yes", "--appendfsync", "always").start()
+    try:
+        service = start_service(limited_user_limits(tmp_path), "redis", server.url)
+        assert spend(service, "alice", 6) == [200] * 5 + [429]
+        server.stop()  # SIGTERM: Redis writes its AOF and exits
+        server.start()
+        wait_until(lambda: "restarted (run id" in service.output(), timeout=HANG_GUARD, what="the restart")
+        assert spend(service, "alice", 1) == [429]  # the counter survived
+        assert metric(service, "datastore_counters_lost") == 0
+    finally:
+        server.close()
+
+
+def test_sigterm_with_redis_down_exits_0_and_logs_the_hits_not_written_back(
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+) -> None:
+    service = start_service(limits_path, "redis_cached", fresh_redis.url, "--flush-period", "600000")
+    assert spend(service, "alice", 17) == [200] * 17  # read from Redis once, then charged locally only
+    fresh_redis.kill()
+    assert service.stop(signal.SIGTERM) == 0
+    output = service.output()
+    assert "17 hits on 1 counters could not be written back" in output, output[-3000:]
+    assert "Traceback" not in output
+
+
+class _NotWaitingForServing(ServiceProcess):
+    """Started with Redis down and failing closed, the service is rightly NOT_SERVING: wait for HTTP only."""
+
+    def _grpc_serving(self) -> bool:
+        return True
+
+
+def test_redis_down_at_start_up_is_logged_retried_and_not_ready(
+    fresh_redis: RedisServer, limits_path: Path,  # noqa: F811
+) -> None:
+    fresh_redis.kill()
+    service = _NotWaitingForServing(limits_path, "redis", fresh_redis.url, "--on-storage-error", "closed")
+    try:
+        service.start()
+        wait_until(lambda: "unreachable at start-up" in service.output(), timeout=HANG_GUARD, what="the log line")
+        wait_until(lambda: ready(service) == 503 and health(service) == NOT_SERVING, timeout=HANG_GUARD,
+                   what="/ready 503 and NOT_SERVING")
+        assert service.http.get("/status").status_code == 200  # alive: Kubernetes must not restart it
+        fresh_redis.start()
+        took = seconds_until(lambda: ready(service) == 200 and health(service) == SERVING, READINESS_BOUND,
+                             "ready once Redis is up")
+        print(f"\nRedis up after a start without it: ready {took:.3f}s later")
+        assert spend(service, "alice", 1) == [200]
+        assert service.output().count("unreachable at start-up") == 1
+    finally:
+        service.close()
+
+
+@pytest.mark.slow
+def test_counters_over_30k_redis_counters_answer_in_full(
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+) -> None:
+    """The issue's case: 30k counters in a healthy Redis, /counters with the default decision timeout."""
+    from ratelimit.engine import RateLimiter
+    from ratelimit.limits import load_limits_file
+    from ratelimit.storage.redis import RedisStorage
+
+    async def fill() -> None:
+        storage = RedisStorage(fresh_redis.url, timeout=30)
+        engine = RateLimiter(storage, load_limits_file(limits_path))
+        try:
+            for start in range(0, 30_000, 1000):
+                await asyncio.gather(*(engine.report(NS, [{"user": f"u{i}"}], 1) for i in range(start, start + 1000)))
+        finally:
+            await storage.close()
+
+    asyncio.run(fill())
+    service = start_service(limits_path, "redis", fresh_redis.url)
+    began = time.monotonic()
+    response = service.http.get(f"/counters/{NS}", timeout=120)
+    assert response.status_code == 200, response.text[:500]
+    assert len(response.json()) == 30_000
+    print(f"\n/counters over 30k Redis counters: {time.monotonic() - began:.2f}s")

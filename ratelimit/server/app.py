@@ -48,7 +48,8 @@ from ratelimit.sources.maas import limits_from_files
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
-from ratelimit.storage.redis import DEFAULT_TIMEOUT, FailureMode, RedisStorage
+from ratelimit.storage.failure import FailureMode
+from ratelimit.storage.redis import DEFAULT_TIMEOUT, RedisStorage
 from ratelimit.storage.redis_cached import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUSH_PERIOD,
@@ -332,6 +333,8 @@ async def run_service(config: ServiceConfig) -> None:
             len(service.engine.all_limits()), config.limits_file, config.storage, config.http_ip, config.http_port,
             config.rls_ip, config.rls_port, f"; spans to {config.tracing_endpoint}" if tracing else "",
         )
+        # Background work of the storage (Redis: its reachability probe); never waits for Redis.
+        await service.engine.storage.start()
         async with contextlib.AsyncExitStack() as running:
             for watcher in watchers:
                 await running.enter_async_context(watcher)

@@ -125,6 +125,10 @@ def rate_limit_handlers(service: Service) -> list[grpc.GenericRpcHandler]:
     ]
 
 
+READINESS_POLL_SECONDS = 0.2
+"""How often gRPC health reads the storage's readiness (a property read: costs nothing)."""
+
+
 class GrpcServer:
     """The gRPC server as run_service runs it (a ManagedServer): `serve()` until `stop()`."""
 
@@ -169,15 +173,30 @@ class GrpcServer:
         await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        # run_service loads the limits before starting any server: once up, this one can answer.
-        for name in ("", *RATE_LIMIT_SERVICES, EXT_PROC_SERVICE):
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # run_service loads the limits before starting any server: once up, this one can answer,
+        # as long as its storage can (health follows the storage's readiness).
+        follower = asyncio.ensure_future(self._follow_readiness(health))
         logger.info("gRPC (Envoy RLS v3, Kuadrant RLS v1, ext_proc token meter) on %s", self.address)
         try:
             await self._stop_requested.wait()
         finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
             await health.enter_graceful_shutdown()
             await server.stop(None if self._force else self.grace)
+
+    async def _follow_readiness(self, health: health_aio.HealthServicer) -> None:
+        """SERVING while the storage can answer decisions, NOT_SERVING while it cannot (Redis down
+        with --on-storage-error closed), so Envoy and Kubernetes route around this replica."""
+        serving: bool | None = None
+        while True:
+            ready = self.service.engine.storage.ready()
+            if ready != serving:
+                serving = ready
+                state = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", *RATE_LIMIT_SERVICES, EXT_PROC_SERVICE):
+                    await health.set(name, state)
+            await asyncio.sleep(READINESS_POLL_SECONDS)
 
     def stop(self, force: bool = False) -> None:
         """Begin a graceful shutdown: NOT_SERVING, in-flight calls get `grace` seconds; forced, they are

@@ -176,6 +176,11 @@ class StatusBody(BaseModel):
     limits_source: str
 
 
+class ReadyBody(BaseModel):
+    ready: bool
+    reason: str | None = Field(None, description="Why decisions cannot be answered now; null when ready.")
+
+
 class ReservationBody(BaseModel):
     reservation_id: str
 
@@ -421,6 +426,20 @@ def create_http_app(service: Service) -> FastAPI:
             "config_error": config.last_error,
             "limits_source": config.source,
         }
+
+    @app.get(
+        "/ready",
+        response_model=ReadyBody,
+        tags=["service"],
+        responses={503: _json("Not ready: the counter storage is unavailable and decisions fail closed", ReadyBody)},
+        summary="Readiness: 503 while decisions cannot be answered (liveness is /status).",
+    )
+    async def ready() -> Response:
+        if service.engine.storage.ready():
+            return JSONResponse({"ready": True, "reason": None})
+        return JSONResponse(
+            {"ready": False, "reason": "counter storage unavailable (--on-storage-error closed)"}, status_code=503
+        )
 
     @app.get(
         "/metrics",

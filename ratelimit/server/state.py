@@ -20,7 +20,7 @@ class ServiceOptions:
     """Answer OVER_LIMIT with an OpenAI-shaped JSON error and Retry-After (`--openai-errors`), which
     Envoy's rate-limit filter sends in its 429 (the ext_proc token meter always does)."""
     api_token: str | None = None
-    """When set, every HTTP endpoint but /metrics and /status needs `Authorization: Bearer <token>`."""
+    """When set, every HTTP endpoint but /metrics, /status and /ready needs `Authorization: Bearer <token>`."""
 
 
 @dataclass

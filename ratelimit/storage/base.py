@@ -9,12 +9,50 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any, TypeVar
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation
 from ratelimit.limits import Limit
 
 T = TypeVar("T")
+
+
+class Operation(IntEnum):
+    """What a decision does to its counters; each backend encodes it its own way (the memory
+    kernels take the number, decide.lua a letter)."""
+
+    CHECK_AND_UPDATE = 0
+    """Charge every counter if every one has room, else nothing."""
+    CHECK = 1
+    """Read-only: would the delta fit?"""
+    UPDATE = 2
+    """Charge unconditionally (may overshoot)."""
+    RESERVE = 3
+    """Hold the amount on every counter if every one has room."""
+    COMMIT = 4
+    """Release a reservation (if still held) and charge the actual amount."""
+
+
+@dataclass
+class StorageStatus:
+    """What a storage tells about its own health, as plain numbers (the metrics module turns them
+    into series; the core never imports a metrics library).
+
+    A storage in this process (memory) is always reachable and never changes it."""
+
+    reachable: bool = True
+    """False while the storage's backend (Redis) cannot be reached (`datastore_partitioned`)."""
+    decision_errors: int = 0
+    """Decisions the storage could not answer, answered per --on-storage-error (`datastore_errors`)."""
+    outages: int = 0
+    """Times the backend became unreachable."""
+    counters_lost: int = 0
+    """Times the backend came back without the counters it held (restarted without persistence)."""
+    listing_failures: int = 0
+    """Counter listings (/counters pages, quota scrapes) that failed."""
+    unwritten_hits: int = 0
+    """Hits a write-behind storage could not write back (dropped when full while unreachable, or at shutdown)."""
 
 
 class CounterSet:
@@ -102,7 +140,24 @@ class Storage(ABC):
         end = start + max_counters
         return CounterPage(statuses[start:end], str(end) if end < len(statuses) else None)
 
-    async def close(self) -> None:  # noqa: B027 - a default, not abstract: a storage without connections has nothing to release
+    @property
+    def status(self) -> StorageStatus:
+        """Health as plain data (one per storage, made on first use); storages with a backend that
+        can fail keep it up to date."""
+        status = self.__dict__.get("_storage_status")
+        if status is None:
+            status = self.__dict__["_storage_status"] = StorageStatus()
+        return status
+
+    def ready(self) -> bool:
+        """Can decisions be answered now? (`/ready` and gRPC health follow it.)"""
+        return True
+
+    async def start(self) -> None:
+        """Begin background work that needs the running loop (Redis: its reachability probe).
+        Must not wait for the backend: a service starts even while Redis is down."""
+
+    async def close(self) -> None:
         """Release connections and background tasks."""
 
 
@@ -114,14 +169,15 @@ class StorageWrapper(Storage):
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
 
-    # What StorageHealth (datastore_partitioned, datastore_errors) reads, from whatever is inside.
     @property
-    def partitioned(self) -> bool:
-        return bool(getattr(self.storage, "partitioned", False))
+    def status(self) -> StorageStatus:
+        return self.storage.status
 
-    @property
-    def errors(self) -> int:
-        return int(getattr(self.storage, "errors", 0))
+    def ready(self) -> bool:
+        return self.storage.ready()
+
+    async def start(self) -> None:
+        await self.storage.start()
 
     async def around(self, decision: Awaitable[T]) -> T:
         return await decision

@@ -8,18 +8,24 @@ exactly by every replica) and fail while it is unreachable.
   periods (one script call, shared by the decisions waiting for it): unlike Limitador, which counts an
   unseen counter as 0, nothing is admitted blind. Decisions on counters in use never wait for Redis.
 - Every `flush_period` (or as soon as `batch_size` counters have unwritten charges) the counters used
-  since the last flush are synced in one pipelined round trip: charges made here are added in Redis
-  (decide.lua's update, which starts windows exactly as the plain storage does) and every counter's
-  value, window and reservations as Redis has them (other replicas' charges included) come back.
+  since the last flush are synced, `batch_size` of them per round trip: charges made here are added in
+  Redis (decide.lua's update, which starts windows exactly as the plain storage does) and every
+  counter's value, window and reservations as Redis has them (other replicas' charges included) come
+  back. A write-back that timed out may still have reached Redis; it is written again, so such hits
+  may count twice (a stricter limit, never a looser one).
 - At most `max_cached` counters are kept, least recently used first out; one with unwritten charges
   is only dropped while Redis is unreachable (counted in `evicted_pending_writes`).
 
 Bounded overshoot: a replica sees other replicas' charges at most two flush periods (plus a round
 trip) late, so with R replicas a window can admit up to max_value plus what the other R-1 replicas
 admit in two flush periods, and never more than R x max_value. While Redis is unreachable each replica
-keeps limiting on its own copies (up to max_value each, unseen counters counting from 0), sets
-`partitioned` (the `datastore_partitioned` gauge) and retries every flush period; the first successful
-flush writes back every unwritten charge and re-reads every counter in use.
+keeps limiting on its own copies (up to max_value each, unseen counters counting from 0), clears
+`status.reachable` (the `datastore_partitioned` gauge) and retries every flush period; the first
+successful flush writes back every unwritten charge and re-reads every counter in use. At the onset
+of an outage a decision waits at most `timeout` (reading a counter new here); from then on none waits.
+The outage is logged twice: when it starts, and when it ends with how many write-backs and reads
+failed meanwhile. The service stays ready throughout (it keeps answering). Shutting down while Redis
+is unreachable logs how many hits could not be written back (`status.unwritten_hits`).
 """
 
 from __future__ import annotations
@@ -31,26 +37,26 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ratelimit.counters import Counter, CounterStatus, Decision
+from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
 from ratelimit.limits import Limit
-from ratelimit.storage.base import CounterSet
-from ratelimit.storage.redis import (
-    CHECK,
+from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Operation, Storage, StorageStatus
+from ratelimit.storage.redis_counters import (
+    DEFAULT_LISTING_TIMEOUT,
     DEFAULT_TIMEOUT,
-    UPDATE,
     Clock,
-    RedisStorage,
-    Reply,
-    _Group,
-    _Plan,
+    RedisCounters,
+    RedisPlan,
+    ScriptReply,
+    SlotGroup,
 )
-from ratelimit.storage.redis_client import RedisError, pack
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_FLUSH_PERIOD = 1.0
 DEFAULT_MAX_CACHED = 10_000
+SHUTDOWN_WRITE_BACK = 2.0
+"""Seconds shutdown keeps trying to write back unwritten hits before it logs them as lost."""
 
 
 @dataclass(slots=True, eq=False)
@@ -58,8 +64,10 @@ class _Entry:
     """This replica's copy of one counter."""
 
     key: str
+    identity: tuple
+    """Its limit's identity (a reload that removes the limit drops the copy)."""
     window_ms: int
-    group: _Group
+    group: SlotGroup
     """The counter alone, as a script call: how it is loaded and flushed."""
     value: int = 0
     """The value in Redis when last synced (every replica's charges), in the window ending at `ends`."""
@@ -85,9 +93,10 @@ class _Entry:
             self.value, self.ends = 0, now + self.window_ms
         self.pending += delta
 
-    def synced(self, reply: Reply, written: int, now: float) -> None:
+    def synced(self, reply: ScriptReply, written: int, now: float) -> None:
         """Take Redis' state of the counter; `written` of the pending charges are now part of it."""
-        self.value, self.ends, self.reserved = reply[3], reply[4], reply[5]
+        state = reply.counter(0)
+        self.value, self.ends, self.reserved = state.value, state.window_end, state.reserved
         self.pending -= written
         self.synced_at = now
 
@@ -97,14 +106,24 @@ class _Entry:
 
 
 @dataclass
+class _Outage:
+    """Redis unreachable from this replica's point of view, since `since` (monotonic seconds)."""
+
+    since: float
+    failures: int = 0
+    """Write-backs and reads that failed during it (the first one included)."""
+
+
+@dataclass
 class _Stats:
     flushes: int = 0
     evicted_pending_writes: int = 0
     """Unwritten charges dropped because the cache was full while Redis was unreachable."""
 
 
-class CachedRedisStorage(RedisStorage):
-    """`redis_cached URL [--batch-size N] [--flush-period SECONDS] [--max-cached N] [--response-timeout S]`."""
+class CachedRedisStorage(Storage):
+    """`redis_cached URL [--batch-size N] [--flush-period SECONDS] [--max-cached N] [--response-timeout S]`:
+    a local cache of counters over RedisCounters."""
 
     def __init__(
         self,
@@ -114,13 +133,18 @@ class CachedRedisStorage(RedisStorage):
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_period: float = DEFAULT_FLUSH_PERIOD,
         max_cached: int = DEFAULT_MAX_CACHED,
+        listing_timeout: float = DEFAULT_LISTING_TIMEOUT,
         clock: Clock | None = None,
         key_prefix: str = "rl:",
         expiry_grace: float = 0.0,
     ) -> None:
         if batch_size < 1 or max_cached < 1 or not 0 < flush_period < float("inf"):
             raise ValueError("batch size and max cached must be at least 1, the flush period more than 0 seconds")
-        super().__init__(url, timeout, clock=clock, key_prefix=key_prefix, expiry_grace=expiry_grace)
+        self.redis = RedisCounters(
+            url, timeout, listing_timeout=listing_timeout, clock=clock, key_prefix=key_prefix,
+            expiry_grace=expiry_grace,
+        )
+        self.timeout = timeout
         self.batch_size = batch_size
         self.flush_period = flush_period
         self.max_cached = max_cached
@@ -132,7 +156,24 @@ class CachedRedisStorage(RedisStorage):
         self._dirty = 0
         self._flusher: asyncio.Task[None] | None = None
         self._flush_now = asyncio.Event()
+        self._flush_lock: asyncio.Lock | None = None
+        self._outage: _Outage | None = None
         self.stats = _Stats()
+
+    @property
+    def status(self) -> StorageStatus:
+        return self.redis.status
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether this replica is deciding on its own copies alone (Redis unreachable)."""
+        return self._outage is not None
+
+    # ready() stays True: decisions are answered from the local copies whether Redis answers or not.
+
+    async def start(self) -> None:
+        self.redis.start()  # logs a Redis unreachable at start-up, and keeps `status.reachable` current
+        self._start_flusher()
 
     # -- decisions on the local copies -----------------------------------------------------------
 
@@ -170,18 +211,18 @@ class CachedRedisStorage(RedisStorage):
         if self._dirty >= self.batch_size:
             self._flush_now.set()
 
-    async def _local(self, counters: CounterSet) -> tuple[_Plan, list[_Entry], int]:
+    async def _local(self, counters: CounterSet) -> tuple[RedisPlan, list[_Entry], int]:
         """The request's plan, its counters' local copies (loaded from Redis when new) and now in ms."""
         self._start_flusher()
-        plan = self._plan(counters)
+        plan = self.redis.plan(counters)
         entries: list[_Entry] | None = plan.local
         if entries is None or any(entry.evicted for entry in entries):
-            entries = plan.local = [self._entry(plan, i) for i in range(len(plan.counters))]
+            entries = plan.local = [self._entry(counter) for counter in plan.counters]
         for entry in entries:
             self._entries.move_to_end(entry.key)
             self._touched[entry.key] = entry
         now = self._local_clock()
-        if not self.partitioned:
+        if self._outage is None:
             # Counters in use are re-read by every flush; one not synced for two flush periods (new
             # here, or idle) is read before deciding, so no decision rests on an older view of Redis.
             stale = [entry for entry in entries if now - entry.synced_at > self._stale_after]
@@ -189,54 +230,54 @@ class CachedRedisStorage(RedisStorage):
                 await self._load(stale)
         return plan, entries, round(now * 1000)
 
-    def _entry(self, plan: _Plan, position: int) -> _Entry:
-        counter = plan.counters[position]
-        key = self._counter_key(counter)
+    def _entry(self, counter: Counter) -> _Entry:
+        key = self.redis.keys.counter(counter)
         entry = self._entries.get(key)
         if entry is None:
             self._make_room()
-            group = self._new_plan((counter,), indexed=not self._client.cluster).groups[0]
-            entry = self._entries[key] = _Entry(key, counter.limit.seconds * 1000, group)
+            entry = self._entries[key] = _Entry(
+                key, counter.limit.identity, counter.limit.seconds * 1000, self.redis.group_of(counter)
+            )
         return entry
 
     def _make_room(self) -> None:
         while len(self._entries) >= self.max_cached:
             victim = next((e for e in self._entries.values() if not e.pending), None)
             if victim is None:
-                if not self.partitioned:
+                if self._outage is None:
                     self._flush_now.set()
                     return  # over the bound until the flush writes them back; never lose charges needlessly
                 victim = next(iter(self._entries.values()))
                 self.stats.evicted_pending_writes += victim.pending
+                self.status.unwritten_hits += victim.pending
                 self._dirty -= 1
             del self._entries[victim.key]
             self._touched.pop(victim.key, None)
             victim.evicted = True
 
     async def _load(self, entries: list[_Entry]) -> None:
-        """Read counters this replica has not seen yet; decisions waiting for the same one share the read."""
-        if self._removed:
-            self._start_deletions()
+        """Read counters this replica has not seen yet; decisions waiting for the same one share the
+        read. When Redis fails, the decision goes on with the local copy alone (the outage begins)."""
         try:
-            await self._deletions_done()  # a limit back after a reload must not read its old counters
-        except RedisError as exc:
-            self._partition(exc)
+            await self.redis.deletions_done()  # a limit back after a reload must not read its old counters
+            waits = []
+            for entry in entries:
+                if entry.loading is None:
+                    entry.loading = asyncio.ensure_future(self._read(entry))
+                waits.append(entry.loading)
+            results = await asyncio.gather(*waits, return_exceptions=True)
+        except StorageError as exc:
+            self._failed(exc)
             return
-        waits = []
-        for entry in entries:
-            if entry.loading is None:
-                entry.loading = asyncio.ensure_future(self._read(entry))
-            waits.append(entry.loading)
-        results = await asyncio.gather(*waits, return_exceptions=True)
         failure = next((result for result in results if isinstance(result, BaseException)), None)
-        if isinstance(failure, RedisError):
-            self._partition(failure)  # decide on the local copy alone: the flusher re-syncs it later
+        if isinstance(failure, StorageError):
+            self._failed(failure)  # decide on the local copy alone: the flusher re-syncs it later
         elif failure is not None:
             raise failure
 
     async def _read(self, entry: _Entry) -> None:
         try:
-            entry.synced(await self._run(entry.group, CHECK, 0), 0, self._local_clock())
+            entry.synced(await self.redis.run(entry.group, Operation.CHECK, 0), 0, self._local_clock())
         finally:
             entry.loading = None
 
@@ -256,76 +297,144 @@ class CachedRedisStorage(RedisStorage):
             self._flush_now.clear()
             try:
                 await self.flush()
-            except RedisError as exc:
-                self._partition(exc)
+            except StorageError as exc:
+                self._failed(exc)
             except Exception:
                 logger.exception("flushing counters to Redis failed")
 
     async def flush(self) -> None:
         """Write every unwritten charge and re-read every counter used since the last flush, in
-        batches of `batch_size` counters, all sent at once (one round trip). Raises RedisError."""
+        batches of `batch_size` counters (one round trip each). Raises StorageError.
+
+        One flush at a time: a second one (a listing's, the last one at shutdown) would find the
+        counters the first one took out of `_touched` missing, and could succeed without them."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()  # bound to the running loop
+        async with self._flush_lock:
+            await self._flush_touched()
+
+    async def _flush_touched(self) -> None:
         touched, self._touched = list(self._touched.values()), {}
+        written = sum(entry.pending for entry in touched)
         try:
-            if self._removed:
-                self._start_deletions()
-            await self._deletions_done()  # a limit back after a reload must not get its old counters
-            batches = [touched[i:i + self.batch_size] for i in range(0, len(touched), self.batch_size)]
-            if not batches and self.partitioned:
-                await self._client.request(0, pack("PING"))  # nothing to write: is Redis back?
-            await asyncio.gather(*(self._sync(batch) for batch in batches))
+            await self.redis.deletions_done()  # a limit back after a reload must not get its old counters
+            if self._outage is not None:
+                # One PING says whether Redis is back; retrying every counter's write-back each
+                # period would cost a failed call per counter in use, on the decisions' event loop.
+                await self.redis.probe()
+            # Batch after batch: a backlog (thousands of counters after an outage) sent at once would
+            # queue past the per-request timeout, and a write that timed out here but ran in Redis
+            # would be written again by the retry.
+            for start in range(0, len(touched), self.batch_size):
+                await self._sync(touched[start:start + self.batch_size])
         except BaseException:
             for entry in touched:  # retried with the next flush
                 if not entry.evicted:
                     self._touched.setdefault(entry.key, entry)
             raise
-        if self.partitioned:
-            logger.warning("Redis reachable again: local counters written back and re-read")
-        self.partitioned = False
+        if self._outage is not None:
+            logger.error(
+                "Redis reachable again after %.1fs: %d write-backs and reads failed meanwhile; %d hits "
+                "charged here written back and every counter in use re-read",
+                time.monotonic() - self._outage.since, self._outage.failures, written,
+            )
+            self._outage = None
         self.stats.flushes += 1
 
     async def _sync(self, entries: list[_Entry]) -> None:
         written = [entry.pending for entry in entries]
         replies = await asyncio.gather(*(
-            self._run(entry.group, UPDATE, amount) if amount else self._run(entry.group, CHECK, 0)
+            self.redis.run(entry.group, Operation.UPDATE, amount) if amount
+            else self.redis.run(entry.group, Operation.CHECK, 0)
             for entry, amount in zip(entries, written)
-        ))
+        ), return_exceptions=True)
         now = self._local_clock()
+        failure: BaseException | None = None
         for entry, amount, reply in zip(entries, written, replies):
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                continue
+            # Applied even when others in the batch failed: writing it again would count it twice.
             if amount and entry.pending == amount:
                 self._dirty -= 1
             entry.synced(reply, amount, now)
+        if failure is not None:
+            raise failure
 
-    def _partition(self, error: BaseException) -> None:
-        if not self.partitioned:
-            logger.error("Partition to Redis detected! Limiting on local counters: %s", error)
-        self.partitioned = True
+    def _failed(self, error: StorageError) -> None:
+        """A read or a write-back failed: logged once per outage, counted in it."""
+        if self._outage is None:
+            self._outage = _Outage(time.monotonic())
+            logger.error("Partition to Redis detected! Limiting on local counters (up to max_value each, "
+                         "until Redis answers again): %s", error)
+        self._outage.failures += 1
 
     # -- the rest ----------------------------------------------------------------------------------
 
     def configure(self, limits: Sequence[Limit]) -> None:
-        super().configure(limits)
-        digests = {self._digest(limit) for limit in limits}
-        for key in [key for key in self._entries if key.rsplit(":", 1)[1] not in digests]:
+        self.redis.configure(limits)
+        for key in [key for key, entry in self._entries.items() if not self.redis.is_configured_identity(entry.identity)]:
             entry = self._entries.pop(key)
             self._touched.pop(key, None)
             entry.evicted = True
             if entry.pending:
                 self._dirty -= 1
 
+    async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
+        # Reservations are exact across replicas only in Redis: they go there, as with `redis`.
+        return await self.redis.reserve(self.redis.plan(counters), amount, ttl_seconds)
+
+    async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
+        return await self.redis.commit(self.redis.plan(counters), reservation_id, actual)
+
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
-        await self._bounded(self.flush())
-        return await super().get_counters(limits)
+        await self._flush_for_listing()
+        return await self.redis.get_counters(limits)
+
+    async def get_counters_page(
+        self, limits: Sequence[Limit], cursor: str | None, max_counters: int,
+        match: CounterFilter | None = None,
+    ) -> CounterPage:
+        await self._flush_for_listing()
+        return await self.redis.counters_page(limits, cursor, max_counters, match)
+
+    async def _flush_for_listing(self) -> None:
+        """Listings read Redis: this replica's unwritten charges go there first."""
+        try:
+            async with asyncio.timeout(self.redis.listing_timeout):
+                await self.flush()
+        except TimeoutError as exc:
+            raise StorageError(f"writing back local counters before listing took over {self.redis.listing_timeout:g}s") from exc
 
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)  # its counters back in _touched
             self._flusher = None
             try:
-                async with asyncio.timeout(self.timeout):
-                    await self.flush()  # a last write-back, best effort
-            except (RedisError, TimeoutError) as exc:
-                logger.warning("could not write back local counters on close: %s", exc)
-        await super().close()
+                await self._last_write_back()
+            except (StorageError, TimeoutError) as exc:
+                unwritten = [entry for entry in self._entries.values() if entry.pending]
+                hits = sum(entry.pending for entry in unwritten)
+                self.status.unwritten_hits += hits
+                logger.error("shutting down with Redis unreachable: %d hits on %d counters could not be written "
+                             "back (%s)", hits, len(unwritten), str(exc) or "no answer in time")
+        await self.redis.close()
+
+    async def _last_write_back(self) -> None:
+        """Flush, retried for up to SHUTDOWN_WRITE_BACK seconds (Redis may be just coming back, or
+        the client pausing between reconnection attempts); raises the last failure."""
+        async with asyncio.timeout(max(SHUTDOWN_WRITE_BACK, self.timeout)):
+            while True:
+                try:
+                    await self.flush()
+                    return
+                except StorageError as exc:
+                    failure = exc
+                try:
+                    await asyncio.sleep(0.1)
+                except asyncio.CancelledError:
+                    raise failure from None
 
     @property
     def cache_size(self) -> int:
@@ -335,4 +444,3 @@ class CachedRedisStorage(RedisStorage):
     def pending_writes(self) -> int:
         """Counters with charges not yet written to Redis (Limitador's `batcher_size`)."""
         return self._dirty
-

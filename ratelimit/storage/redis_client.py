@@ -19,7 +19,7 @@ import binascii
 import collections
 import ssl
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -168,6 +168,8 @@ class Connection(asyncio.Protocol):
         self._progress = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
+        self.greeting_replies: list[object] = []
+        """The replies to the greeting commands sent when the connection opened."""
 
     @classmethod
     async def open(cls, address: Address, timeout: float, greeting: Sequence[bytes] = ()) -> Connection:
@@ -188,7 +190,7 @@ class Connection(asyncio.Protocol):
                 if address.db:
                     await connection.request(pack("SELECT", address.db))
                 for command in greeting:
-                    await connection.request(command)
+                    connection.greeting_replies.append(await connection.request(command))
             except BaseException:
                 connection.close()
                 raise
@@ -283,13 +285,20 @@ class Connection(asyncio.Protocol):
                 future.set_exception(error)
 
 
+OnConnect = Callable[[Address, list[object]], None]
+"""Called with a node's address and the replies to the greeting each time a connection to it opens."""
+
+
 class Node:
     """One Redis server: a lazily (re)opened pipelined connection to it."""
 
-    def __init__(self, address: Address, timeout: float, greeting: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self, address: Address, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None
+    ) -> None:
         self.address = address
         self._timeout = timeout
         self._greeting = greeting
+        self._on_connect = on_connect
         self._connection: Connection | None = None
         self._connecting: asyncio.Task[Connection] | None = None
         self._retry_at = 0.0
@@ -326,10 +335,12 @@ class Node:
                 self._connecting = None
                 self._retry_at = loop.time() + RECONNECT_PAUSE
                 self._last_error = exc
-            raise ConnectionLost(f"cannot connect to Redis at {self.address}: {exc or type(exc).__name__}") from exc
+            raise ConnectionLost(f"cannot connect to Redis at {self.address}: {str(exc) or type(exc).__name__}") from exc
         if self._connecting is task:
             self._connecting = None
             self._connection = connection
+            if self._on_connect is not None:
+                self._on_connect(self.address, connection.greeting_replies)
         return connection
 
     async def close(self) -> None:
@@ -355,6 +366,10 @@ class Client(ABC):
         """The slot a key's commands go to (always 0 on a single server)."""
 
     @abstractmethod
+    async def probe(self) -> None:
+        """PING every server that serves slots; raises RedisError when one does not answer."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Close every connection; requests still waiting are cancelled."""
 
@@ -364,11 +379,16 @@ class ServerClient(Client):
 
     cluster = False
 
-    def __init__(self, address: Address, timeout: float, greeting: Sequence[bytes] = ()) -> None:
-        self._server = Node(address, timeout, greeting)
+    def __init__(
+        self, address: Address, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None
+    ) -> None:
+        self._server = Node(address, timeout, greeting, on_connect)
 
     def request(self, slot: int, command: bytes) -> Awaitable[object]:
         return self._server.request(command)
+
+    async def probe(self) -> None:
+        await self._server.request(pack("PING"))
 
     def slot_of(self, key: str) -> int:
         return 0
@@ -384,10 +404,13 @@ class ClusterClient(Client):
     cluster = True
     _MAX_REDIRECTS = 3
 
-    def __init__(self, seed: Address, timeout: float, greeting: Sequence[bytes] = ()) -> None:
+    def __init__(
+        self, seed: Address, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None
+    ) -> None:
         self._seed = seed
         self._timeout = timeout
         self._greeting = greeting
+        self._on_connect = on_connect
         self._nodes: dict[tuple[str, int], Node] = {}
         self._by_slot: list[Node | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[None] | None = None
@@ -441,7 +464,7 @@ class ClusterClient(Client):
     def _node(self, host: str, port: int) -> Node:
         node = self._nodes.get((host, port))
         if node is None:
-            node = Node(replace(self._seed, host=host, port=port), self._timeout, self._greeting)
+            node = Node(replace(self._seed, host=host, port=port), self._timeout, self._greeting, self._on_connect)
             self._nodes[(host, port)] = node
         return node
 
@@ -476,6 +499,12 @@ class ClusterClient(Client):
         finally:
             self._refreshing = None
 
+    async def probe(self) -> None:
+        if any(owner is None for owner in self._by_slot):
+            await self._refresh()
+        owners = {id(owner): owner for owner in self._by_slot if owner is not None}
+        await asyncio.gather(*(owner.request(pack("PING")) for owner in owners.values()))
+
     async def close(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
@@ -483,10 +512,10 @@ class ClusterClient(Client):
             await node.close()
 
 
-def connect(url: str, timeout: float, greeting: Sequence[bytes] = ()) -> Client:
+def connect(url: str, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None) -> Client:
     """A client for a storage URL; connections open on first use and reopen on their own, each
-    sending the `greeting` commands first."""
+    sending the `greeting` commands first and then telling `on_connect` their replies."""
     parsed = parse_url(url)
     if parsed.cluster:
-        return ClusterClient(parsed.address, timeout, greeting)
-    return ServerClient(parsed.address, timeout, greeting)
+        return ClusterClient(parsed.address, timeout, greeting, on_connect)
+    return ServerClient(parsed.address, timeout, greeting, on_connect)

@@ -1,11 +1,13 @@
 -- One decision over the counters of one request (or over the share of them that lives in one
 -- Redis Cluster slot), atomically: Redis runs a script to its end before any other command.
+-- This header is the one description of the call; ratelimit/storage/redis_counters.py builds the
+-- call (SlotGroup) and decodes the reply (ScriptReply) by exactly this layout.
 --
 -- KEYS  per counter i = 1..n: KEYS[2i-1] the counter (hash), KEYS[2i] its reservations (sorted set:
 --       reservation id -> expiry ms); then, when ARGV[7] == '1', KEYS[2n+i] the index of counter i's
 --       limit (sorted set: counter key -> the time the counter stops being live), which /counters reads.
--- ARGV  1 mode: A check-and-update, C check, U update, R reserve, M commit (release the reservation
---         if held, then charge; nothing when this id was committed before)
+-- ARGV  1 mode (ratelimit.storage.base.Operation): A check-and-update, C check, U update, R reserve,
+--         M commit (release the reservation if held, then charge; nothing when this id was committed before)
 --       2 now in ms, or '' to take Redis' own TIME (so every replica uses one clock)
 --       3 delta (A, C, U, M) or amount (R)
 --       4 reservation id (R, M)      5 reservation ttl ms (R)
@@ -18,9 +20,12 @@
 -- reservations set, scored by minus the reservation's expiry: held reservations keep the positive
 -- scores (so the top one is still the last to expire), and marks whose time has passed are the
 -- range [-now, 0]. The script reads all fields first, so it writes absolute values.
--- Reply {now, first counter without room (1-based, 0 = none), 1 if the reservation was held (M),
---        then per counter: value in the running window, window end (0 = none), reserved,
---        new live-until time (0 = unchanged; the caller indexes it when the script could not)}.
+-- Reply (integers)
+--       1 now (ms)
+--       2 first counter without room (1-based, 0 = none)
+--       3 1 if the reservation was held (M), else 0
+--       then 4 per counter i, at 4i .. 4i+3: value in the running window, window end ms (0 = none),
+--         reserved, new live-until time ms (0 = unchanged; the caller indexes it when the script could not)
 
 local mode = ARGV[1]
 local now = tonumber(ARGV[2])
