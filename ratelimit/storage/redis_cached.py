@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_FLUSH_PERIOD = 1.0
 DEFAULT_MAX_CACHED = 10_000
-SHUTDOWN_WRITE_BACK = 2.0
+SHUTDOWN_WRITE_BACK = 1.0
 """Seconds shutdown keeps trying to write back unwritten hits before it logs them as lost."""
 
 
