@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from ratelimit.counters import StorageError
+from ratelimit.counters import CounterStatus, StorageError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
+from ratelimit.storage.base import CounterFilter, Storage
 from ratelimit.storage.failure import FailureMode
 from ratelimit.storage.redis import RedisStorage
 from ratelimit.storage.redis_cached import CachedRedisStorage
@@ -54,7 +55,7 @@ def request(user: str, model: str = "m") -> list[dict[str, str]]:
 
 
 @contextlib.asynccontextmanager
-async def limiter(storage: RedisStorage, *limits: Limit) -> AsyncIterator[RateLimiter]:
+async def limiter(storage: Storage, *limits: Limit) -> AsyncIterator[RateLimiter]:
     try:
         yield RateLimiter(storage, limits)
     finally:
@@ -263,8 +264,8 @@ def test_counters_are_listed_from_the_index_without_scanning(single: RedisServer
     assert not {"scan", "keys"} & commands_called(single)
 
 
-async def walk_pages(storage: RedisStorage | CachedRedisStorage, limits: list[Limit], size: int,
-                     match=None) -> list[list]:  # type: ignore[no-untyped-def]
+async def walk_pages(storage: Storage, limits: list[Limit], size: int,
+                     match: CounterFilter | None = None) -> list[list[CounterStatus]]:
     pages, cursor = [], None
     while True:
         page = await storage.get_counters_page(limits, cursor, size, match)
@@ -295,7 +296,7 @@ def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: R
             assert [len(page) for page in pages[:10]] == [1000] * 10 and (not pages[10:] or pages[10:] == [[]])
             assert len(await storage.get_counters(limits)) == 10_000  # the whole listing, page by page
             alice = await walk_pages(storage, limits, 7, match=lambda c: c.values == ("user-00042",))
-            assert sorted(s.limit.name for page in alice for s in page) == ["day", "short"]
+            assert sorted(str(s.limit.name) for page in alice for s in page) == ["day", "short"]
             assert all(s.value == 1 for page in alice for s in page)
             with pytest.raises(ValueError, match="invalid cursor"):
                 await storage.get_counters_page(limits, "not-a-cursor", 10)

@@ -47,8 +47,8 @@ from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, l
 from ratelimit.sources.maas import limits_from_files
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
-from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.failure import FailureMode
+from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.redis import DEFAULT_TIMEOUT, RedisStorage
 from ratelimit.storage.redis_cached import (
     DEFAULT_BATCH_SIZE,
@@ -276,6 +276,7 @@ def build_storage(config: ServiceConfig) -> Storage:
             return MemoryStorage(table=CounterTable.attach(config.shared_table))
         return MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY)
     assert config.storage_url is not None
+    storage: Storage
     if config.storage == "redis":
         storage = RedisStorage(config.storage_url, config.response_timeout)
     else:

@@ -153,11 +153,11 @@ class Storage(ABC):
         """Can decisions be answered now? (`/ready` and gRPC health follow it.)"""
         return True
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - a default, not abstract: most storages start nothing
         """Begin background work that needs the running loop (Redis: its reachability probe).
         Must not wait for the backend: a service starts even while Redis is down."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - a default, not abstract: a storage without connections has nothing to release
         """Release connections and background tasks."""
 
 

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
-from ratelimit.limits import Limit
+from ratelimit.limits import Identity, Limit
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Operation, Storage, StorageStatus
 from ratelimit.storage.redis_counters import (
     DEFAULT_LISTING_TIMEOUT,
@@ -64,7 +64,7 @@ class _Entry:
     """This replica's copy of one counter."""
 
     key: str
-    identity: tuple
+    identity: Identity
     """Its limit's identity (a reload that removes the limit drops the copy)."""
     window_ms: int
     group: SlotGroup

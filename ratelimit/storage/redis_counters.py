@@ -74,7 +74,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import unquote
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
-from ratelimit.limits import Limit
+from ratelimit.limits import Identity, Limit
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Operation, StorageStatus
 from ratelimit.storage.redis_client import (
     Address,
@@ -224,7 +224,7 @@ class KeyLayout:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._digests: dict[tuple, str] = {}
+        self._digests: dict[Identity, str] = {}
 
     def digest(self, limit: Limit) -> str:
         digest = self._digests.get(limit.identity)
@@ -284,11 +284,11 @@ class RedisCounters:
         # A two-phase hold must outlive any phase 2 that can still reach Redis (each phase gives up
         # after `timeout`), with a wide margin; it only ever blocks budget, never admits past it.
         self._hold_ttl_ms = max(1000, round(10_000 * timeout))
-        self._limits: dict[tuple, Limit] = {}
+        self._limits: dict[Identity, Limit] = {}
         self._generation = 0
         self._removed: list[Limit] = []
         """Limits a reload removed whose counters are still to be deleted (started by the next operation)."""
-        self._deleting: dict[tuple, asyncio.Future[None]] = {}
+        self._deleting: dict[Identity, asyncio.Future[None]] = {}
         """Identity -> the deletion of that limit's counters, running in the background."""
         self._index_writes: set[asyncio.Future[object]] = set()
         self._failures = _Failures(self)
@@ -308,7 +308,7 @@ class RedisCounters:
         self._limits = current
         self._generation += 1
 
-    def is_configured_identity(self, identity: tuple) -> bool:
+    def is_configured_identity(self, identity: Identity) -> bool:
         return identity in self._limits
 
     # -- plans -----------------------------------------------------------------------------------
