@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import multiprocessing
 import os
 import statistics
 import time
-import tracemalloc
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -34,7 +34,9 @@ from limits.strategies import FixedWindowRateLimiter
 from bench.report import machine_facts, write_results
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
-from ratelimit.storage.memory import MemoryStorage
+from ratelimit.storage import kernels
+from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
+from ratelimit.storage.table import CounterTable
 
 # -- the workload --------------------------------------------------------------------------------
 
@@ -73,7 +75,6 @@ class Config:
     p2_repeats: int
     p5_users: int
     """Users built for P5; each has 3 counters (one per window), so counters = 3 x users."""
-    p5_batch: int = 50_000
 
 
 FULL = Config("full", p1_requests=60_000, p1_repeats=5, p2_requests=2_000_000, p2_repeats=5, p5_users=333_334)
@@ -250,32 +251,84 @@ def bench_p1(config: Config) -> list[Row]:
     return rows
 
 
+# -- P2: the numba kernel alone ------------------------------------------------------------------
+
+
+@numba.njit(nogil=True)  # not cached: numba's cache would keep an old kernels.decide inlined here
+def decide_all(words: np.ndarray, max_values: np.ndarray, plans: np.ndarray, users: np.ndarray, now_ms: int,
+               out: np.ndarray) -> int:
+    """One kernels.decide call per request (each takes and gives back the table lock, hashes and
+    looks up its 3 keys, checks, charges), from compiled code: the kernel without Python."""
+    denied = 0
+    pid = 1
+    for r in range(users.shape[0]):
+        kernels.decide(words, max_values, plans[users[r]], kernels.CHECK_AND_UPDATE, 1, now_ms, pid, -1, 0, 0, out)
+        if out[0] >= 0:
+            denied += 1
+    return denied
+
+
+def kernel_contestant(config: Config, deny_half: bool) -> Callable[[], Callable[[], int]]:
+    """A table of USERS x 3 live counters built through the storage, one plan (limit numbers and
+    key bytes, as MemoryStorage builds them) per user, and a pre-drawn stream of users."""
+    loop = asyncio.new_event_loop()
+    engine = our_engine(loop, deny_half)
+    loop.close()
+    storage = engine.storage
+    assert isinstance(storage, MemoryStorage)
+    plan_arrays = [storage._plan(engine.counters_for(NAMESPACE, [{"model": "gpt", "user": user_name(user)}])).array
+                   for user in range(USERS)]
+    plans = np.stack(plan_arrays)
+    users = request_stream(config.p2_requests).astype(np.int64)
+    out = np.zeros(kernels.RESULT_WORDS + len(WINDOWS) * kernels.STATE_WIDTH, dtype=np.int64)
+    words, max_values = storage.table.words, storage._max_values
+
+    def make_pass() -> Callable[[], int]:
+        now_ms = _now_ms()
+        return lambda: decide_all(words, max_values, plans, users, now_ms, out)
+
+    return make_pass
+
+
+def bench_p2(config: Config) -> list[Row]:
+    prepares = [kernel_contestant(config, deny_half) for deny_half in (False, True)]
+    timings = measure_side_by_side(prepares, int, config.p2_requests, config.p2_repeats)
+    what = f"numba kernels.decide, one call per request (lock, 3 key look-ups), {config.p2_requests:,} requests"
+    return [rate_row("P2", what, timing, None, ">= 10M/s", timing.median_rate >= 10e6) for timing in timings]
+
+
+def _now_ms() -> int:
+    return round(time.monotonic() * 1000)
+
+
 # -- P5: memory per live counter, each measurement in a fresh process ----------------------------
 
-TRACEMALLOC, RSS = "tracemalloc", "rss"
 P5_WARMUP_USERS = 1_000
 
 
-def build_our_counters(users: int, batch: int) -> tuple[object, int]:
-    """users x 3 live counters through the engine, then the descriptor memo forgotten (a reload
-    with the same limits keeps every counter), so only the storage is left."""
-    engine = RateLimiter(MemoryStorage(), stacked_limits(P5_WINDOWS))
+def build_our_counters(users: int) -> tuple[object, int, int]:
+    """users x 3 live counters through `engine.check_and_report`, one request at a time as a server
+    makes them, on a shared-memory table of the default capacity (what `--workers` uses). The
+    engine's descriptor memo is kept: it is part of what a real process holds. Returns what must
+    stay alive, the live counters and the bytes of the table block that are resident."""
+    table = CounterTable.create(DEFAULT_CAPACITY, shared=True)
+    storage = MemoryStorage(table=table)
+    engine = RateLimiter(storage, stacked_limits(P5_WINDOWS))
+
+    async def build() -> None:
+        for user in range(users):
+            await engine.check_and_report(NAMESPACE, [{"model": "gpt", "user": user_name(user)}], 1)
+
     loop = asyncio.new_event_loop()
-
-    async def charge(requests: list[Descriptors]) -> None:
-        for descriptors in requests:
-            await engine.check_and_report(NAMESPACE, descriptors, 1)
-
-    for start in range(0, users, batch):
-        loop.run_until_complete(charge(build_requests(range(start, min(users, start + batch)))))
+    loop.run_until_complete(build())
     loop.close()
-    engine.configure_with(engine.all_limits())
-    storage = engine.storage
-    assert isinstance(storage, MemoryStorage)
-    return engine, storage.counter_count
+    assert table.name is not None
+    resident = os.stat(os.path.join("/dev/shm", table.name)).st_blocks * 512
+    table.unlink()  # the name only; this process keeps its mapping until it exits
+    return (engine, table), storage.counter_count, resident
 
 
-def build_limits_keys(users: int, batch: int) -> tuple[object, int]:
+def build_limits_keys(users: int) -> tuple[object, int, int]:
     """users x 3 keys in `limits`' MemoryStorage, through hit() as in P1. Its background expiry timer
     is stopped before measuring, so the key list it copies on every sweep is not counted."""
     storage = LimitsMemoryStorage()
@@ -287,59 +340,52 @@ def build_limits_keys(users: int, batch: int) -> tuple[object, int]:
             limiter.hit(item, name)
     storage.timer.cancel()
     storage.timer.join()
-    return storage, len(storage.storage)
+    return storage, len(storage.storage), 0
 
 
-BUILDERS: dict[str, Callable[[int, int], tuple[object, int]]] = {
+BUILDERS: dict[str, Callable[[int], tuple[object, int, int]]] = {
     "ours": build_our_counters,
     "limits": build_limits_keys,
 }
 
 
-def memory_now(method: str) -> int:
-    if method == TRACEMALLOC:
-        return tracemalloc.get_traced_memory()[0]
+def resident_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure_memory(kind: str, method: str, users: int, batch: int) -> dict[str, Any]:
-    """Run in a fresh process: memory held after building `kind`'s counters, as the difference of
-    traced Python + numpy allocations (tracemalloc) or of the resident set size (RSS). A small
-    build first loads the kernels and warms every code path, so one-off costs are not counted."""
-    BUILDERS[kind](P5_WARMUP_USERS, batch)
+def measure_memory(kind: str, users: int) -> dict[str, Any]:
+    """Run in a fresh process: resident set growth while building `kind`'s counters. A small build
+    first loads the kernels and warms every code path, so one-off costs are not counted."""
+    BUILDERS[kind](P5_WARMUP_USERS)
     gc.collect()
-    if method == TRACEMALLOC:
-        tracemalloc.start()
-    before = memory_now(method)
+    before = resident_bytes()
     start = time.perf_counter()
-    kept, counters = BUILDERS[kind](users, batch)
+    kept, counters, table_bytes = BUILDERS[kind](users)
     gc.collect()
-    held = memory_now(method) - before
+    held = resident_bytes() - before
     seconds = time.perf_counter() - start
     del kept
-    return {"kind": kind, "method": method, "counters": counters, "bytes": held,
-            "bytes_per_counter": held / counters, "build_seconds": seconds}
+    return {"kind": kind, "method": "rss", "counters": counters, "bytes": held, "bytes_per_counter": held / counters,
+            "table_bytes": table_bytes, "table_bytes_per_counter": table_bytes / counters, "build_seconds": seconds}
 
 
 def bench_p5(config: Config) -> list[Row]:
-    jobs = [("ours", TRACEMALLOC), ("limits", TRACEMALLOC), ("ours", RSS), ("limits", RSS)]  # longest first
     context = multiprocessing.get_context("spawn")
     # Two at a time (memory figures do not depend on the CPU), one fresh process per measurement.
     with ProcessPoolExecutor(max_workers=2, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(measure_memory, kind, method, config.p5_users, config.p5_batch) for kind, method in jobs]
-        results = {(r["kind"], r["method"]): r for r in (future.result() for future in futures)}
-    rows = []
-    for method in (TRACEMALLOC, RSS):
-        ours, theirs = results[("ours", method)], results[("limits", method)]
-        ratio = ours["bytes_per_counter"] / theirs["bytes_per_counter"]
-        per = ours["bytes_per_counter"]
-        target, met = ("<= 200 B/counter", per <= 200) if method == TRACEMALLOC else ("(allocator slack incl.)", None)
-        rows.append(Row("P5", f"ours MemoryStorage, {method} delta, {ours['counters']:,} counters", "B/counter",
-                        per, None, None, ratio, target, met, ours))
-        rows.append(Row("P5", f"limits MemoryStorage, {method} delta, {theirs['counters']:,} keys", "B/counter",
-                        theirs["bytes_per_counter"], None, None, None, "baseline", None, theirs))
-    return rows
+        futures = {kind: pool.submit(measure_memory, kind, config.p5_users) for kind in ("ours", "limits")}
+        ours, theirs = futures["ours"].result(), futures["limits"].result()
+    per = ours["bytes_per_counter"]
+    table_per = ours["table_bytes_per_counter"]
+    return [
+        Row("P5", f"ours, process RSS growth (engine + memo + shared table), {ours['counters']:,} counters",
+            "B/counter", per, None, None, per / theirs["bytes_per_counter"], "<= 200 B/counter", per <= 200, ours),
+        Row("P5", f"ours, shared table block resident (storage only), {ours['counters']:,} counters", "B/counter",
+            table_per, None, None, table_per / theirs["bytes_per_counter"], "", None, ours),
+        Row("P5", f"limits MemoryStorage, process RSS growth, {theirs['counters']:,} keys", "B/counter",
+            theirs["bytes_per_counter"], None, None, None, "baseline", None, theirs),
+    ]
 
 
 # -- report --------------------------------------------------------------------------------------
@@ -405,25 +451,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes, a smoke run (~20 s)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--only", default="P1,P2,P5",
+                        help="which of P1,P2,P5 to run (the JSON keeps the other rows of its previous run)")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
+    only = {name.strip() for name in args.only.split(",")}
     info = machine()
     print(machine_line(info), flush=True)
     started = time.perf_counter()
     rows: list[Row] = []
-    # P2 (the numba kernel alone) timed the batch kernel, which is gone with the batch path; it comes
-    # back as a bench of the per-request kernel.
-    for name, bench in (("P1", bench_p1), ("P5", bench_p5)):
+    for name, bench in (("P1", bench_p1), ("P2", bench_p2), ("P5", bench_p5)):
+        if name not in only:
+            continue
         section_start = time.perf_counter()
         rows += bench(config)
         print(f"{name} done in {time.perf_counter() - section_start:.1f} s", flush=True)
     total = time.perf_counter() - started
     print(f"\n{config.mode} run, {total:.0f} s; P1 {config.p1_requests:,} requests per pass over {USERS:,} users, "
-          f"median and best of {config.p1_repeats}; "
+          f"median and best of {config.p1_repeats}; P2 median and best of {config.p2_repeats}; "
           f"P5 at {3 * config.p5_users:,} counters\n")
     print(markdown_table(rows))
+    results = [asdict(row) for row in rows]
+    if only != {"P1", "P2", "P5"} and args.json.exists():
+        kept = [row for row in json.loads(args.json.read_text())["results"] if row["id"] not in only]
+        results = sorted(kept + results, key=lambda row: row["id"])
     write_results(args.json, {"machine": info, "config": asdict(config), "total_seconds": total,
-                              "results": [asdict(row) for row in rows]})
+                              "only": sorted(only), "results": results})
 
 
 if __name__ == "__main__":

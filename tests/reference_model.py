@@ -29,6 +29,7 @@ class ReferenceModel:
     limits: list[Limit] = field(default_factory=list)
     counters: dict[tuple, ModelCounter] = field(default_factory=dict)
     reservations: dict[str, tuple[list[tuple], int, int]] = field(default_factory=dict)
+    committed: dict[str, int] = field(default_factory=dict)  # reservation id -> its expiry
 
     keeps_removed_counters: bool = False
     """Whether counters of a limit that a reload removes stay (the memory storage keeps them for
@@ -139,10 +140,15 @@ class ReferenceModel:
         return self._answer(limited_by, keys, now)
 
     def commit(self, reservation_id: str, keys: list[tuple], actual: int, now: int) -> tuple[bool, ModelAnswer]:
+        """Release the reservation and charge `actual`; a retried commit of an id committed within
+        its ttl charges nothing (tokens are charged once), one that expired unreleased is charged."""
         self._expire_reservations(now)
         held = self.reservations.pop(reservation_id, None)
         if held is not None:
             self._release(held[0], held[1])
+            self.committed[reservation_id] = held[2]
+        elif self.committed.get(reservation_id, 0) > now:
+            return False, self._answer(None, keys, now)
         self._charge(keys, actual, now)
         return held is not None, self._answer(None, keys, now)
 

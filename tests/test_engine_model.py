@@ -32,8 +32,11 @@ small = st.integers(min_value=0, max_value=6)
 
 class EngineMatchesModel(RuleBasedStateMachine):
     reservations = Bundle("reservations")
+    committed = Bundle("committed")
     keeps_removed_counters = True
     """The memory storage keeps counters of removed limits (for a window); subclasses may not."""
+    retried_commit_charges_once = True
+    """The memory storage remembers committed reservations until their ttl; subclasses may not yet."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -118,8 +121,18 @@ class EngineMatchesModel(RuleBasedStateMachine):
         assert (decision.reservation_id is not None) == (expected.limited_by is None)
         return (decision.reservation_id, user, model)
 
-    @rule(reservation=consumes(reservations), actual=st.integers(0, 8))
-    def commit(self, reservation: tuple, actual: int) -> None:
+    @rule(target=committed, reservation=consumes(reservations), actual=st.integers(0, 8))
+    def commit(self, reservation: tuple, actual: int) -> tuple:
+        self.commit_and_compare(reservation, actual)
+        return reservation
+
+    @rule(reservation=committed, actual=st.integers(0, 8))
+    def retry_commit(self, reservation: tuple, actual: int) -> None:
+        """A commit retried (a gateway that did not see the answer): charged once within the ttl."""
+        if self.retried_commit_charges_once:
+            self.commit_and_compare(reservation, actual)
+
+    def commit_and_compare(self, reservation: tuple, actual: int) -> None:
         reservation_id, user, model = reservation
         if reservation_id is None:
             return

@@ -13,6 +13,7 @@ from ratelimit.counters import StorageFullError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
 from ratelimit.storage.memory import MemoryStorage
+from ratelimit.storage.table import CounterTable
 from tests.reference_model import ReferenceModel
 
 NS = "ns"
@@ -44,9 +45,9 @@ def test_listing_pages_through_every_counter_once() -> None:
     for i in range(2500):
         run(engine.report(NS, [{"user": f"u{i}"}], 1 + i % 7))
     seen = {}
-    cursor: int | None = 0
+    cursor: str | None = None
     pages = 0
-    while cursor is not None:
+    while pages == 0 or cursor is not None:
         page = storage.list_counters([per_user], cursor=cursor, max_counters=1000)
         assert len(page.counters) <= 1000
         for status in page.counters:
@@ -141,17 +142,23 @@ def test_reservation_holds_keep_rows_and_release_on_expiry() -> None:
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
     """Hundreds of users through a 64-row table with short windows: rows are reclaimed and reused
-    all the time, so index entries are deleted (backward shift) and re-added in every probe pattern."""
+    all the time, so index entries are deleted (backward shift) and re-added in every probe pattern,
+    and key blocks of long keys are freed and reused."""
     rng = random.Random(seed)
     limits = [Limit(NS, 5, 2, (), (USER,), name="short"), Limit(NS, 50, 7, (), (USER, MODEL), name="pair")]
-    engine, storage, clock = engine_with(*limits, capacity=64)
+    clock = Clock()
+    # Room for every key's bytes (the model knows nothing of key bytes; their refusal is tested below).
+    storage = MemoryStorage(clock=clock, table=CounterTable.create(64, key_bytes_per_counter=256))
+    engine = RateLimiter(storage, limits)
     model = ReferenceModel(keeps_removed_counters=True)
     model.configure(limits)
     compared = 0
     for _ in range(3000):
         clock.now += rng.choice([0, 0, 0.1, 0.5, 1.3])
         now_ms = round(clock.now * 1000)
-        descriptors = [{"user": f"user-{rng.randrange(150)}", "model": rng.choice("ab")}]
+        user = rng.randrange(150)
+        # Short keys live in their row; longer ones take one or several key blocks.
+        descriptors = [{"user": f"user-{user}" + "-é" * (user % 4 * 9), "model": rng.choice("ab")}]
         keys = model.keys_for(NS, descriptors)
         occupied = {key for key in model.counters if model.occupies_row(key, now_ms)}
         delta = rng.randrange(1, 4)
@@ -167,3 +174,15 @@ def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
     listed = {(s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved)
               for s in run(engine.get_counters(NS))}
     assert listed == model.live_counters(NS, round(clock.now * 1000))
+
+
+def test_keys_longer_than_the_key_room_are_refused_with_their_own_reason() -> None:
+    clock = Clock()
+    storage = MemoryStorage(clock=clock, table=CounterTable.create(8, key_bytes_per_counter=24))
+    engine = RateLimiter(storage, [Limit(NS, 5, 60, (), (USER,))])
+    run(engine.report(NS, [{"user": "u" * 24 * 8}], 1))  # takes every key block of the table
+    run(engine.report(NS, [{"user": "short"}], 1))  # short keys live in their row
+    with pytest.raises(StorageFullError, match="keys"):
+        run(engine.report(NS, [{"user": "v" * 30}], 1))
+    assert storage.refusals == {"rows": 0, "key_bytes": 1, "reservations": 0}
+    assert sorted(len(s.counter.values[0]) for s in run(engine.get_counters(NS))) == [5, 192]

@@ -254,10 +254,10 @@ def test_reserve_in_one_process_commit_in_the_other(workers: Workers, shared: Sh
     held, states = workers.receive(1)
     assert held
     assert [(value, reserved) for value, _, reserved in states.values()] == [(25, 0)]
-    workers.send(0, "commit", alice, reservation_id, 5)  # already committed: not held, still charged
+    workers.send(0, "commit", alice, reservation_id, 25)  # a retried commit: charged once
     held, states = workers.receive(0)
     assert not held
-    assert [(value, reserved) for value, _, reserved in states.values()] == [(30, 0)]
+    assert [(value, reserved) for value, _, reserved in states.values()] == [(25, 0)]
 
 
 # -- linearizable against the reference model ------------------------------------------------------

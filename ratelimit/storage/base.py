@@ -87,7 +87,8 @@ class Storage(ABC):
 
     @abstractmethod
     def configure(self, limits: Sequence[Limit]) -> None:
-        """Learn the current limits. Counters of limits whose identity is gone are deleted;
+        """Learn the current limits. Counters of limits whose identity is gone are deleted (the
+        memory storage keeps them, hidden, for one window, so a limit that comes back resumes);
         counters of limits whose identity stays are kept (their max_value may have changed)."""
 
     @abstractmethod

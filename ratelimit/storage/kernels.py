@@ -1,26 +1,33 @@
-"""numba kernels over the counter table: one flat byte block, private or in shared memory.
+"""numba kernels over the counter table: one flat block of int64 words, private or in shared memory.
 
 Everything a decision needs lives in that block, so worker processes that map the same block
-decide exactly as one process would. The block starts with a header of int64 words (the lock,
-sizes, byte offsets of the regions below, free lists, refusal counts) followed by:
+decide exactly as one process would. Kernels take the block as one int64 array and address its
+regions by word offsets kept in the header (making array views inside a kernel costs more than
+the decision itself). The block starts with a header (the lock, sizes, region offsets, free lists,
+refusal counts), then:
 
-- rows          int64 [capacity, ROW_WIDTH]: value, expires_at_ms, reserved, limit_no, hash, key.
-                `key` packs (first key block << 32) | key length; a free row has limit_no -1 and
-                the next free row in `value`.
-- index         int32 [index_slots]: open addressing, linear probing, row + 1 (0 = empty), deleted
-                by backward shift (no tombstones). Slots are a power of two, at least 2x capacity.
-- block_next    int32 [key_blocks]: the next block of a key (-1 = last), or the next free block.
-- block_data    uint8 [key_blocks, BLOCK_BYTES]: the counter keys' bytes (the variable values),
-                so listing recovers every key without a Python object per counter.
-- limits        int64 [limit_slots, LIMIT_WIDTH]: a limit identity's 128-bit hash, its window,
-                its state; open addressing on the hash, the slot number is the limit number.
-- reservations  int64 [reservation_slots, RES_WIDTH]: tag (0 = free), amount, expiry, first hold.
-- holds         int64 [hold_slots, 2]: the rows a reservation holds, as a chain.
-- heap          int64 [heap_slots, 3]: reservation expiries, a binary min-heap with lazy deletion.
+- rows          capacity x ROW_WIDTH (64 bytes, one cache line): value, expires_at_ms, reserved,
+                limit_no, hash, key, and INLINE_WORDS words of key bytes. `key` packs
+                (first key block << 32) | key length in bytes; a key of at most INLINE_BYTES lives
+                in the row itself (the usual user id: one cache line per counter), a longer one in
+                key blocks. A free row has limit_no -1 and the next free row in `value`.
+- index         index_slots int32 halves of words: open addressing, linear probing, row + 1
+                (0 = empty), deleted by backward shift (no tombstones); a power of two >= 2 x capacity.
+- key blocks    key_blocks x BLOCK_WORDS: the next block (-1 = last, or the next free block), then
+                BLOCK_PAYLOAD_WORDS words of the key's bytes (the counter's variable values), so
+                listing recovers every key without a Python object per counter.
+- limits        limit_slots x LIMIT_WIDTH: a limit identity's 128-bit hash, its window, its state;
+                open addressing on the hash, the slot number is the limit number.
+- reservations  reservation_slots x RES_WIDTH: tag (0 = free), amount, expiry, first hold.
+- holds         hold_slots x 2: the rows a reservation holds, as a chain.
+- heap          heap_slots x 3: reservation expiries, a binary min-heap with lazy deletion.
 
-Every public kernel takes the lock word first and gives it back before returning; if another
-holder keeps it past a bounded spin, the kernel returns BUSY and the caller retries (see memory.py),
-so no kernel ever waits unboundedly with the lock held by a dead process.
+Keys are handed to kernels as little-endian int64 words, zero-padded, so keys are hashed, compared
+and copied a word at a time (equal length and equal words mean equal bytes).
+
+Every public kernel takes the lock word first and gives it back before returning; if another holder
+keeps it past a bounded spin, the kernel returns BUSY and the caller retries from Python (table.py),
+where a holder that died is detected, so no kernel waits unboundedly.
 
 Decisions are all-or-nothing over a request's counters: rows are found (or, when something will be
 charged, added after making sure there is room for all of them), checked, then charged.
@@ -35,17 +42,23 @@ from ratelimit.storage.atomics import compare_and_swap, load_acquire, store_rele
 
 # -- layout ----------------------------------------------------------------------------------------
 
-MAGIC = 0x52_4C_54_41_42_4C_45_31  # "RLTABLE1"
+MAGIC = 0x52_4C_54_41_42_4C_45_33  # "RLTABLE3"
 HEADER_WORDS = 64
-BLOCK_BYTES = 32
-ROW_WIDTH = 6
-VALUE, EXPIRES_AT, RESERVED, LIMIT_NO, HASH, KEY = range(ROW_WIDTH)
+BLOCK_WORDS = 4
+BLOCK_PAYLOAD_WORDS = BLOCK_WORDS - 1
+BLOCK_BYTES = 8 * BLOCK_PAYLOAD_WORDS
+ROW_WIDTH = 8
+VALUE, EXPIRES_AT, RESERVED, LIMIT_NO, HASH, KEY, INLINE = range(7)
+INLINE_WORDS = ROW_WIDTH - INLINE
+INLINE_BYTES = 8 * INLINE_WORDS
 LIMIT_WIDTH = 5
 ID_HIGH, ID_LOW, WINDOW_MS, STATE, RETIRED_UNTIL = range(LIMIT_WIDTH)
 LIMIT_FREE, LIMIT_ACTIVE, LIMIT_RETIRED = 0, 1, 2
 RES_WIDTH = 5
 TAG, AMOUNT, RES_EXPIRES, FIRST_HOLD, NEXT_FREE = range(RES_WIDTH)
+HOLD_WIDTH = 2
 HOLD_ROW, HOLD_NEXT = 0, 1
+HEAP_WIDTH = 3
 HEAP_EXPIRES, HEAP_SLOT, HEAP_TAG = 0, 1, 2
 
 # Header words.
@@ -58,15 +71,14 @@ H_LIMIT_SLOTS = 5
 H_RES_SLOTS = 6
 H_HOLD_SLOTS = 7
 H_HEAP_SLOTS = 8
-H_OFF_ROWS = 9
+H_OFF_ROWS = 9  # region offsets, in words
 H_OFF_INDEX = 10
-H_OFF_BLOCK_NEXT = 11
-H_OFF_BLOCK_DATA = 12
-H_OFF_LIMITS = 13
-H_OFF_RES = 14
-H_OFF_HOLDS = 15
-H_OFF_HEAP = 16
-H_TOTAL_BYTES = 17
+H_OFF_BLOCKS = 11
+H_OFF_LIMITS = 12
+H_OFF_RES = 13
+H_OFF_HOLDS = 14
+H_OFF_HEAP = 15
+H_TOTAL_WORDS = 16
 H_ROWS_USED = 18  # rows below this mark have been handed out at least once
 H_FREE_ROW = 19
 H_FREE_ROWS = 20
@@ -90,107 +102,97 @@ H_LOCK_STOLEN = 37  # times the lock was taken over from a dead holder
 H_REFUSED_ROWS = 40  # refusals by reason: no row for a new counter
 H_REFUSED_KEY_BYTES = 41  # no key blocks left for a new counter's key
 H_REFUSED_RESERVATIONS = 42  # no reservation slot or holds left
-H_FREED_ROWS = 43  # rows reclaimed so far (expired, idle for a window)
+H_FREED_ROWS = 43  # rows reclaimed so far (idle for a window after their window ended)
 REFUSAL_REASONS = {"rows": H_REFUSED_ROWS, "key_bytes": H_REFUSED_KEY_BYTES, "reservations": H_REFUSED_RESERVATIONS}
 
-# Decision modes and result codes (result[0]: >= 0 is the index of the first counter without room).
+# Decision modes (the numbers of storage.base.Operation) and result codes.
 CHECK_AND_UPDATE, CHECK, UPDATE, RESERVE, COMMIT = range(5)
 WITHIN = -1
 FULL_ROWS = -2
 FULL_KEY_BYTES = -3
 FULL_RESERVATIONS = -4
 BUSY = -5
-# result layout: code, reservation slot, reservation held (commit), rows freed (sweep)
+# A kernel's `out` array starts with RESULT_WORDS: code (WITHIN, the index of the first counter
+# without room, FULL_* or BUSY), reservation slot, the commit's reservation state, rows freed (sweep).
 R_CODE, R_SLOT, R_HELD, R_FREED = 0, 1, 2, 3
+NOT_HELD, HELD, COMMITTED = 0, 1, 2
 RESULT_WORDS = 4
-# states (per counter of a decision): row, value in the running window, expires_at_ms, reserved
+# decide's `out` continues with STATE_WIDTH words per counter, its state after the decision.
 S_ROW, S_VALUE, S_EXPIRES, S_RESERVED = range(4)
 STATE_WIDTH = 4
+LISTED_WIDTH = 7  # list_rows: row, limit_no, value, expires_at, reserved, key length, first key word
+
+# A plan (one per memoized descriptor set, built by memory.py):
+# [n, limit_no x n, key length x n, first key word x n, key words...]
+P_COUNT = 0
 
 SPINS = 200_000  # about a millisecond of spinning before handing the wait back to Python
 SWEEP_CHUNK = 1 << 16  # rows a decision scans at most when it needs room (well under a millisecond)
 NEVER = np.iinfo(np.int64).max
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _header(buf: np.ndarray) -> np.ndarray:
-    return buf[: HEADER_WORDS * 8].view(np.int64)
-
-
-@njit(cache=True, nogil=True)
-def _views(buf: np.ndarray):  # type: ignore[no-untyped-def]
-    header = buf[: HEADER_WORDS * 8].view(np.int64)
-    capacity = header[H_CAPACITY]
-    o = header[H_OFF_ROWS]
-    rows = buf[o : o + capacity * ROW_WIDTH * 8].view(np.int64).reshape((capacity, ROW_WIDTH))
-    o = header[H_OFF_INDEX]
-    index = buf[o : o + header[H_INDEX_SLOTS] * 4].view(np.int32)
-    o = header[H_OFF_BLOCK_NEXT]
-    block_next = buf[o : o + header[H_KEY_BLOCKS] * 4].view(np.int32)
-    o = header[H_OFF_BLOCK_DATA]
-    block_data = buf[o : o + header[H_KEY_BLOCKS] * BLOCK_BYTES].reshape((header[H_KEY_BLOCKS], BLOCK_BYTES))
-    o = header[H_OFF_LIMITS]
-    limits = buf[o : o + header[H_LIMIT_SLOTS] * LIMIT_WIDTH * 8].view(np.int64).reshape(
-        (header[H_LIMIT_SLOTS], LIMIT_WIDTH))
-    o = header[H_OFF_RES]
-    reservations = buf[o : o + header[H_RES_SLOTS] * RES_WIDTH * 8].view(np.int64).reshape(
-        (header[H_RES_SLOTS], RES_WIDTH))
-    o = header[H_OFF_HOLDS]
-    holds = buf[o : o + header[H_HOLD_SLOTS] * 2 * 8].view(np.int64).reshape((header[H_HOLD_SLOTS], 2))
-    o = header[H_OFF_HEAP]
-    heap = buf[o : o + header[H_HEAP_SLOTS] * 3 * 8].view(np.int64).reshape((header[H_HEAP_SLOTS], 3))
-    return header, rows, index, block_next, block_data, limits, reservations, holds, heap
+_LOW32 = 0xFFFFFFFF
 
 
 # -- the lock --------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def _lock(header: np.ndarray, pid: int) -> bool:
+def _lock(words: np.ndarray, pid: int) -> bool:
     for _ in range(SPINS):
-        if header[H_LOCK] == 0 and compare_and_swap(header, H_LOCK, 0, pid) == 0:
+        if words[H_LOCK] == 0 and compare_and_swap(words, H_LOCK, 0, pid) == 0:
             return True
     return False
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _unlock(header: np.ndarray) -> None:
-    store_release(header, H_LOCK, 0)
+def _unlock(words: np.ndarray) -> None:
+    store_release(words, H_LOCK, 0)
 
 
 @njit(cache=True, nogil=True)
-def lock_holder(buf: np.ndarray) -> int:
-    return load_acquire(_header(buf), H_LOCK)
+def lock_holder(words: np.ndarray) -> int:
+    return load_acquire(words, H_LOCK)
 
 
 @njit(cache=True, nogil=True)
-def steal_lock(buf: np.ndarray, dead_pid: int, pid: int) -> bool:
+def steal_lock(words: np.ndarray, dead_pid: int, pid: int) -> bool:
     """Take the lock over from a holder that is known to be dead, then give it back."""
-    header = _header(buf)
-    if compare_and_swap(header, H_LOCK, dead_pid, pid) != dead_pid:
+    if compare_and_swap(words, H_LOCK, dead_pid, pid) != dead_pid:
         return False
-    header[H_LOCK_STOLEN] += 1
-    _unlock(header)
+    words[H_LOCK_STOLEN] += 1
+    _unlock(words)
     return True
 
 
 @njit(cache=True, nogil=True)
-def note_busy(buf: np.ndarray) -> None:
+def note_busy(words: np.ndarray) -> None:
     """Count one wait for the lock (the caller retries); an approximate figure, so no lock."""
-    header = _header(buf)
-    header[H_LOCK_BUSY] += 1
+    words[H_LOCK_BUSY] += 1
 
 
 # -- keys and the index ----------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def key_words(length: int) -> int:
+    return (length + 7) // 8
+
+
+@njit(cache=True, nogil=True, inline="always")
+def blocks_for(length: int) -> int:
+    """Key blocks a key of `length` bytes takes (none when it fits in its row)."""
+    if length <= INLINE_BYTES:
+        return 0
+    return (key_words(length) + BLOCK_PAYLOAD_WORDS - 1) // BLOCK_PAYLOAD_WORDS
+
+
 @njit(cache=True, nogil=True)
-def key_hash(limit_no: int, keys: np.ndarray, start: int, end: int) -> int:
-    """FNV-1a over the key bytes, seeded with the limit number, through a splitmix64 finalizer."""
-    h = np.uint64(0xCBF29CE484222325) ^ np.uint64(limit_no)
+def key_hash(limit_no: int, length: int, plan: np.ndarray, start: int) -> int:
+    """FNV-1a over the key's words, seeded with the limit number and the length, through a
+    splitmix64 finalizer."""
+    h = np.uint64(0xCBF29CE484222325) ^ np.uint64(limit_no) ^ (np.uint64(length) << np.uint64(40))
     prime = np.uint64(0x100000001B3)
-    for i in range(start, end):
-        h = (h ^ np.uint64(keys[i])) * prime
+    for i in range(start, start + key_words(length)):
+        h = (h ^ np.uint64(plan[i])) * prime
     h ^= h >> np.uint64(30)
     h *= np.uint64(0xBF58476D1CE4E5B9)
     h ^= h >> np.uint64(27)
@@ -199,200 +201,235 @@ def key_hash(limit_no: int, keys: np.ndarray, start: int, end: int) -> int:
     return np.int64(h)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _slot(words: np.ndarray, index: int, slot: int) -> int:
+    word = words[index + (slot >> 1)]
+    return int((word >> 32) & _LOW32 if slot & 1 else word & _LOW32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _set_slot(words: np.ndarray, index: int, slot: int, entry: int) -> None:
+    at = index + (slot >> 1)
+    if slot & 1:
+        words[at] = (words[at] & _LOW32) | (entry << 32)
+    else:
+        words[at] = (words[at] & ~_LOW32) | entry
+
+
 @njit(cache=True, nogil=True)
-def _key_equals(rows, block_next, block_data, row, keys, start, end):  # type: ignore[no-untyped-def]
-    packed = rows[row, KEY]
-    length = packed & 0xFFFFFFFF
-    if length != end - start:
+def _key_equals(words, row_at, plan, length, start):  # type: ignore[no-untyped-def]
+    packed = words[row_at + KEY]
+    if packed & _LOW32 != length:
         return False
-    block = packed >> 32
-    i = start
-    while i < end:
-        data = block_data[block]
-        stop = min(end, i + BLOCK_BYTES)
-        for j in range(i, stop):
-            if data[j - i] != keys[j]:
+    count = key_words(length)
+    if length <= INLINE_BYTES:
+        for j in range(count):
+            if words[row_at + INLINE + j] != plan[start + j]:
                 return False
-        i = stop
-        block = block_next[block]
+        return True
+    block = packed >> 32
+    blocks = words[H_OFF_BLOCKS]
+    i = 0
+    while i < count:
+        at = blocks + block * BLOCK_WORDS
+        for j in range(min(BLOCK_PAYLOAD_WORDS, count - i)):
+            if words[at + 1 + j] != plan[start + i + j]:
+                return False
+        i += BLOCK_PAYLOAD_WORDS
+        block = words[at]
     return True
 
 
 @njit(cache=True, nogil=True)
-def _find(rows, index, block_next, block_data, limit_no, h, keys, start, end):  # type: ignore[no-untyped-def]
-    mask = index.shape[0] - 1
+def _find(words, limit_no, h, plan, length, start):  # type: ignore[no-untyped-def]
+    index = words[H_OFF_INDEX]
+    rows = words[H_OFF_ROWS]
+    mask = words[H_INDEX_SLOTS] - 1
     slot = h & mask
     while True:
-        entry = index[slot]
+        entry = _slot(words, index, slot)
         if entry == 0:
             return -1
-        row = entry - 1
-        if (rows[row, HASH] == h and rows[row, LIMIT_NO] == limit_no
-                and _key_equals(rows, block_next, block_data, row, keys, start, end)):
-            return row
+        row_at = rows + (entry - 1) * ROW_WIDTH
+        if (words[row_at + HASH] == h and words[row_at + LIMIT_NO] == limit_no
+                and _key_equals(words, row_at, plan, length, start)):
+            return entry - 1
         slot = (slot + 1) & mask
 
 
 @njit(cache=True, nogil=True)
-def _index_insert(index, row, h):  # type: ignore[no-untyped-def]
-    mask = index.shape[0] - 1
+def _index_insert(words, row, h):  # type: ignore[no-untyped-def]
+    index = words[H_OFF_INDEX]
+    mask = words[H_INDEX_SLOTS] - 1
     slot = h & mask
-    while index[slot] != 0:
+    while _slot(words, index, slot) != 0:
         slot = (slot + 1) & mask
-    index[slot] = row + 1
+    _set_slot(words, index, slot, row + 1)
 
 
 @njit(cache=True, nogil=True)
-def _index_remove(index, rows, row):  # type: ignore[no-untyped-def]
+def _index_remove(words, row):  # type: ignore[no-untyped-def]
     """Delete by backward shift: later entries of the probe run move up, so lookups need no tombstones."""
-    mask = index.shape[0] - 1
-    hole = rows[row, HASH] & mask
-    while index[hole] != row + 1:
+    index = words[H_OFF_INDEX]
+    rows = words[H_OFF_ROWS]
+    mask = words[H_INDEX_SLOTS] - 1
+    hole = words[rows + row * ROW_WIDTH + HASH] & mask
+    while _slot(words, index, hole) != row + 1:
         hole = (hole + 1) & mask
     probe = hole
     while True:
         probe = (probe + 1) & mask
-        entry = index[probe]
+        entry = _slot(words, index, probe)
         if entry == 0:
             break
-        home = rows[entry - 1, HASH] & mask
+        home = words[rows + (entry - 1) * ROW_WIDTH + HASH] & mask
         # The entry may fill the hole unless its home lies cyclically in (hole, probe].
         if hole <= probe:
             stays = hole < home <= probe
         else:
             stays = home > hole or home <= probe
         if not stays:
-            index[hole] = entry
+            _set_slot(words, index, hole, entry)
             hole = probe
-    index[hole] = 0
-
-
-@njit(cache=True, nogil=True, inline="always")
-def blocks_for(length: int) -> int:
-    return (length + BLOCK_BYTES - 1) // BLOCK_BYTES
+    _set_slot(words, index, hole, 0)
 
 
 # -- rows ------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True)
-def _free_room(header):  # type: ignore[no-untyped-def]
-    rows_free = header[H_CAPACITY] - header[H_ROWS_USED] + header[H_FREE_ROWS]
-    blocks_free = header[H_KEY_BLOCKS] - header[H_BLOCKS_USED] + header[H_FREE_BLOCKS]
-    return rows_free, blocks_free
+@njit(cache=True, nogil=True, inline="always")
+def _rows_free(words):  # type: ignore[no-untyped-def]
+    return words[H_CAPACITY] - words[H_ROWS_USED] + words[H_FREE_ROWS]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _blocks_free(words):  # type: ignore[no-untyped-def]
+    return words[H_KEY_BLOCKS] - words[H_BLOCKS_USED] + words[H_FREE_BLOCKS]
 
 
 @njit(cache=True, nogil=True)
-def _allocate_row(header, rows, index, block_next, block_data, limit_no, h, keys, start, end):  # type: ignore[no-untyped-def]
+def _allocate_row(words, limit_no, h, plan, length, start):  # type: ignore[no-untyped-def]
     """A row for a new counter; the caller made sure there is room (rows and key blocks)."""
-    if header[H_FREE_ROW] >= 0:
-        row = header[H_FREE_ROW]
-        header[H_FREE_ROW] = rows[row, VALUE]
-        header[H_FREE_ROWS] -= 1
+    rows = words[H_OFF_ROWS]
+    if words[H_FREE_ROW] >= 0:
+        row = words[H_FREE_ROW]
+        words[H_FREE_ROW] = words[rows + row * ROW_WIDTH + VALUE]
+        words[H_FREE_ROWS] -= 1
     else:
-        row = header[H_ROWS_USED]
-        header[H_ROWS_USED] += 1
-    length = end - start
-    first = -1
+        row = words[H_ROWS_USED]
+        words[H_ROWS_USED] += 1
+    blocks = words[H_OFF_BLOCKS]
+    count = key_words(length) if length > INLINE_BYTES else 0
+    first = 0
     previous = -1
-    i = start
-    while i < end:
-        if header[H_FREE_BLOCK] >= 0:
-            block = header[H_FREE_BLOCK]
-            header[H_FREE_BLOCK] = block_next[block]
-            header[H_FREE_BLOCKS] -= 1
+    i = 0
+    while i < count:
+        if words[H_FREE_BLOCK] >= 0:
+            block = words[H_FREE_BLOCK]
+            words[H_FREE_BLOCK] = words[blocks + block * BLOCK_WORDS]
+            words[H_FREE_BLOCKS] -= 1
         else:
-            block = header[H_BLOCKS_USED]
-            header[H_BLOCKS_USED] += 1
-        stop = min(end, i + BLOCK_BYTES)
-        data = block_data[block]
-        for j in range(i, stop):
-            data[j - i] = keys[j]
-        block_next[block] = -1
+            block = words[H_BLOCKS_USED]
+            words[H_BLOCKS_USED] += 1
+        at = blocks + block * BLOCK_WORDS
+        words[at] = -1
+        for j in range(BLOCK_PAYLOAD_WORDS):
+            words[at + 1 + j] = plan[start + i + j] if i + j < count else 0
         if previous >= 0:
-            block_next[previous] = block
+            words[blocks + previous * BLOCK_WORDS] = block
         else:
             first = block
         previous = block
-        i = stop
-    rows[row, VALUE] = 0
-    rows[row, EXPIRES_AT] = 0
-    rows[row, RESERVED] = 0
-    rows[row, LIMIT_NO] = limit_no
-    rows[row, HASH] = h
-    rows[row, KEY] = (first << 32) | length
-    _index_insert(index, row, h)
-    header[H_LIVE_ROWS] += 1
+        i += BLOCK_PAYLOAD_WORDS
+    at = rows + row * ROW_WIDTH
+    words[at + VALUE] = 0
+    words[at + EXPIRES_AT] = 0
+    words[at + RESERVED] = 0
+    words[at + LIMIT_NO] = limit_no
+    words[at + HASH] = h
+    words[at + KEY] = (first << 32) | length
+    for j in range(INLINE_WORDS):
+        words[at + INLINE + j] = plan[start + j] if length <= INLINE_BYTES and j < key_words(length) else 0
+    _index_insert(words, row, h)
+    words[H_LIVE_ROWS] += 1
     return row
 
 
 @njit(cache=True, nogil=True)
-def _free_row(header, rows, index, block_next, row):  # type: ignore[no-untyped-def]
-    _index_remove(index, rows, row)
-    block = rows[row, KEY] >> 32
-    if (rows[row, KEY] & 0xFFFFFFFF) > 0:
+def _free_row(words, row):  # type: ignore[no-untyped-def]
+    _index_remove(words, row)
+    at = words[H_OFF_ROWS] + row * ROW_WIDTH
+    blocks = words[H_OFF_BLOCKS]
+    if words[at + KEY] & _LOW32 > INLINE_BYTES:
+        block = words[at + KEY] >> 32
         while block >= 0:
-            following = block_next[block]
-            block_next[block] = header[H_FREE_BLOCK]
-            header[H_FREE_BLOCK] = block
-            header[H_FREE_BLOCKS] += 1
+            following = words[blocks + block * BLOCK_WORDS]
+            words[blocks + block * BLOCK_WORDS] = words[H_FREE_BLOCK]
+            words[H_FREE_BLOCK] = block
+            words[H_FREE_BLOCKS] += 1
             block = following
-    rows[row, LIMIT_NO] = -1
-    rows[row, EXPIRES_AT] = 0
-    rows[row, RESERVED] = 0
-    rows[row, HASH] = 0
-    rows[row, KEY] = 0
-    rows[row, VALUE] = header[H_FREE_ROW]
-    header[H_FREE_ROW] = row
-    header[H_FREE_ROWS] += 1
-    header[H_LIVE_ROWS] -= 1
-    header[H_FREED_ROWS] += 1
+    words[at + LIMIT_NO] = -1
+    words[at + EXPIRES_AT] = 0
+    words[at + RESERVED] = 0
+    words[at + HASH] = 0
+    words[at + KEY] = 0
+    words[at + VALUE] = words[H_FREE_ROW]
+    words[H_FREE_ROW] = row
+    words[H_FREE_ROWS] += 1
+    words[H_LIVE_ROWS] -= 1
+    words[H_FREED_ROWS] += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _reclaim_at(rows, limits, row):  # type: ignore[no-untyped-def]
-    """When a new key may take this row: a counter keeps its row for one window after its window
-    ends (so a returning user is never pushed out by new keys), and a held row is never taken."""
-    if rows[row, RESERVED] > 0:
+def _window_ms(words, limit_no):  # type: ignore[no-untyped-def]
+    return words[words[H_OFF_LIMITS] + limit_no * LIMIT_WIDTH + WINDOW_MS]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _reclaim_at(words, at):  # type: ignore[no-untyped-def]
+    """When a new key may take the row at word `at`: a counter keeps its row for one window after
+    its window ends (so a returning user is never pushed out by new keys), a held row is never taken."""
+    if words[at + RESERVED] > 0:
         return NEVER
-    expires = rows[row, EXPIRES_AT]
+    expires = words[at + EXPIRES_AT]
     if expires == 0:
         return 0
-    return expires + limits[rows[row, LIMIT_NO], WINDOW_MS]
+    return expires + _window_ms(words, words[at + LIMIT_NO])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _note_reclaim_time(header, when):  # type: ignore[no-untyped-def]
+def _note_reclaim_time(words, when):  # type: ignore[no-untyped-def]
     """Keep H_NEXT_RECLAIM and the running cycle's minimum lower bounds of every row's reclaim time."""
-    if when < header[H_NEXT_RECLAIM]:
-        header[H_NEXT_RECLAIM] = when
-    if when < header[H_CYCLE_MIN]:
-        header[H_CYCLE_MIN] = when
+    if when < words[H_NEXT_RECLAIM]:
+        words[H_NEXT_RECLAIM] = when
+    if when < words[H_CYCLE_MIN]:
+        words[H_CYCLE_MIN] = when
 
 
 @njit(cache=True, nogil=True)
-def _sweep(header, rows, index, block_next, limits, budget, now):  # type: ignore[no-untyped-def]
+def _sweep(words, budget, now):  # type: ignore[no-untyped-def]
     """Free reclaimable rows among the next `budget` rows of the sweep cycle; returns how many."""
     freed = 0
-    used = header[H_ROWS_USED]
-    cursor = header[H_SWEEP_CURSOR]
-    budget = min(budget, used)
-    for _ in range(budget):
+    used = words[H_ROWS_USED]
+    rows = words[H_OFF_ROWS]
+    cursor = words[H_SWEEP_CURSOR]
+    for _ in range(min(budget, used)):
         row = cursor
         cursor += 1
-        if rows[row, LIMIT_NO] >= 0:
-            when = _reclaim_at(rows, limits, row)
+        at = rows + row * ROW_WIDTH
+        if words[at + LIMIT_NO] >= 0:
+            when = _reclaim_at(words, at)
             if when <= now:
-                _free_row(header, rows, index, block_next, row)
+                _free_row(words, row)
                 freed += 1
-            elif when < header[H_CYCLE_MIN]:
-                header[H_CYCLE_MIN] = when
+            elif when < words[H_CYCLE_MIN]:
+                words[H_CYCLE_MIN] = when
         if cursor >= used:
             # A whole cycle seen: nothing can be reclaimed before the earliest time it found.
             cursor = 0
-            header[H_NEXT_RECLAIM] = header[H_CYCLE_MIN]
-            header[H_CYCLE_MIN] = NEVER
-    header[H_SWEEP_CURSOR] = cursor
+            words[H_NEXT_RECLAIM] = words[H_CYCLE_MIN]
+            words[H_CYCLE_MIN] = NEVER
+    words[H_SWEEP_CURSOR] = cursor
     return freed
 
 
@@ -400,107 +437,136 @@ def _sweep(header, rows, index, block_next, limits, budget, now):  # type: ignor
 
 
 @njit(cache=True, nogil=True)
-def _heap_push(heap, header, expires, slot, tag):  # type: ignore[no-untyped-def]
-    i = header[H_HEAP_COUNT]
-    header[H_HEAP_COUNT] += 1
+def _heap_push(words, expires, slot, tag):  # type: ignore[no-untyped-def]
+    heap = words[H_OFF_HEAP]
+    i = words[H_HEAP_COUNT]
+    words[H_HEAP_COUNT] += 1
     while i > 0:
         parent = (i - 1) // 2
-        if heap[parent, HEAP_EXPIRES] <= expires:
+        parent_at = heap + parent * HEAP_WIDTH
+        if words[parent_at + HEAP_EXPIRES] <= expires:
             break
-        heap[i, 0], heap[i, 1], heap[i, 2] = heap[parent, 0], heap[parent, 1], heap[parent, 2]
+        at = heap + i * HEAP_WIDTH
+        for j in range(HEAP_WIDTH):
+            words[at + j] = words[parent_at + j]
         i = parent
-    heap[i, HEAP_EXPIRES], heap[i, HEAP_SLOT], heap[i, HEAP_TAG] = expires, slot, tag
+    at = heap + i * HEAP_WIDTH
+    words[at + HEAP_EXPIRES] = expires
+    words[at + HEAP_SLOT] = slot
+    words[at + HEAP_TAG] = tag
 
 
 @njit(cache=True, nogil=True)
-def _heap_pop(heap, header):  # type: ignore[no-untyped-def]
-    count = header[H_HEAP_COUNT] - 1
-    header[H_HEAP_COUNT] = count
-    last0, last1, last2 = heap[count, 0], heap[count, 1], heap[count, 2]
+def _heap_pop(words):  # type: ignore[no-untyped-def]
+    heap = words[H_OFF_HEAP]
+    count = words[H_HEAP_COUNT] - 1
+    words[H_HEAP_COUNT] = count
+    last_at = heap + count * HEAP_WIDTH
+    last_expires, last_slot, last_tag = words[last_at], words[last_at + 1], words[last_at + 2]
     i = 0
     while True:
         child = 2 * i + 1
         if child >= count:
             break
-        if child + 1 < count and heap[child + 1, HEAP_EXPIRES] < heap[child, HEAP_EXPIRES]:
+        if child + 1 < count and words[heap + (child + 1) * HEAP_WIDTH] < words[heap + child * HEAP_WIDTH]:
             child += 1
-        if heap[child, HEAP_EXPIRES] >= last0:
+        child_at = heap + child * HEAP_WIDTH
+        if words[child_at] >= last_expires:
             break
-        heap[i, 0], heap[i, 1], heap[i, 2] = heap[child, 0], heap[child, 1], heap[child, 2]
+        at = heap + i * HEAP_WIDTH
+        for j in range(HEAP_WIDTH):
+            words[at + j] = words[child_at + j]
         i = child
     if count > 0:
-        heap[i, 0], heap[i, 1], heap[i, 2] = last0, last1, last2
+        at = heap + i * HEAP_WIDTH
+        words[at], words[at + 1], words[at + 2] = last_expires, last_slot, last_tag
 
 
 @njit(cache=True, nogil=True)
-def _release_reservation(header, rows, limits, reservations, holds, slot):  # type: ignore[no-untyped-def]
-    amount = reservations[slot, AMOUNT]
-    hold = reservations[slot, FIRST_HOLD]
+def _release_reservation(words, slot):  # type: ignore[no-untyped-def]
+    """Give back a reservation's holds and its slot (it expired)."""
+    _release_holds(words, slot)
+    res_at = words[H_OFF_RES] + slot * RES_WIDTH
+    words[res_at + TAG] = 0
+    words[res_at + NEXT_FREE] = words[H_FREE_RES]
+    words[H_FREE_RES] = slot
+    words[H_LIVE_RES] -= 1
+
+
+@njit(cache=True, nogil=True)
+def _release_holds(words, slot):  # type: ignore[no-untyped-def]
+    res_at = words[H_OFF_RES] + slot * RES_WIDTH
+    holds = words[H_OFF_HOLDS]
+    rows = words[H_OFF_ROWS]
+    amount = words[res_at + AMOUNT]
+    hold = words[res_at + FIRST_HOLD]
     while hold >= 0:
-        row = holds[hold, HOLD_ROW]
-        rows[row, RESERVED] -= amount
-        if rows[row, RESERVED] == 0:
-            _note_reclaim_time(header, _reclaim_at(rows, limits, row))
-        following = holds[hold, HOLD_NEXT]
-        holds[hold, HOLD_NEXT] = header[H_FREE_HOLD]
-        header[H_FREE_HOLD] = hold
-        header[H_FREE_HOLDS] += 1
+        hold_at = holds + hold * HOLD_WIDTH
+        row_at = rows + words[hold_at + HOLD_ROW] * ROW_WIDTH
+        words[row_at + RESERVED] -= amount
+        if words[row_at + RESERVED] == 0:
+            _note_reclaim_time(words, _reclaim_at(words, row_at))
+        following = words[hold_at + HOLD_NEXT]
+        words[hold_at + HOLD_NEXT] = words[H_FREE_HOLD]
+        words[H_FREE_HOLD] = hold
+        words[H_FREE_HOLDS] += 1
         hold = following
-    reservations[slot, TAG] = 0
-    reservations[slot, FIRST_HOLD] = -1
-    reservations[slot, NEXT_FREE] = header[H_FREE_RES]
-    header[H_FREE_RES] = slot
-    header[H_LIVE_RES] -= 1
+    words[res_at + FIRST_HOLD] = -1
 
 
 @njit(cache=True, nogil=True)
-def _release_expired(header, rows, limits, reservations, holds, heap, now):  # type: ignore[no-untyped-def]
-    while header[H_HEAP_COUNT] > 0 and heap[0, HEAP_EXPIRES] <= now:
-        slot, tag = heap[0, HEAP_SLOT], heap[0, HEAP_TAG]
-        _heap_pop(heap, header)
-        if reservations[slot, TAG] == tag:  # not committed meanwhile (lazy deletion)
-            _release_reservation(header, rows, limits, reservations, holds, slot)
+def _release_expired(words, now):  # type: ignore[no-untyped-def]
+    heap = words[H_OFF_HEAP]
+    while words[H_HEAP_COUNT] > 0 and words[heap + HEAP_EXPIRES] <= now:
+        slot, tag = words[heap + HEAP_SLOT], words[heap + HEAP_TAG]
+        _heap_pop(words)
+        if words[words[H_OFF_RES] + slot * RES_WIDTH + TAG] == tag:  # not committed meanwhile
+            _release_reservation(words, slot)
 
 
 @njit(cache=True, nogil=True)
-def _reservation_room(header, holds_needed):  # type: ignore[no-untyped-def]
-    slots_free = header[H_RES_SLOTS] - header[H_RES_USED] + (header[H_RES_USED] - header[H_LIVE_RES])
-    holds_free = header[H_HOLD_SLOTS] - header[H_HOLDS_USED] + header[H_FREE_HOLDS]
+def _reservation_room(words, holds_needed):  # type: ignore[no-untyped-def]
+    slots_free = words[H_RES_SLOTS] - words[H_LIVE_RES]
+    holds_free = words[H_HOLD_SLOTS] - words[H_HOLDS_USED] + words[H_FREE_HOLDS]
     return slots_free > 0 and holds_free >= holds_needed
 
 
 @njit(cache=True, nogil=True)
-def _new_reservation(header, reservations, holds, heap, states, n, amount, expires, tag):  # type: ignore[no-untyped-def]
-    if header[H_FREE_RES] >= 0:
-        slot = header[H_FREE_RES]
-        header[H_FREE_RES] = reservations[slot, NEXT_FREE]
+def _new_reservation(words, out, n, amount, expires, tag):  # type: ignore[no-untyped-def]
+    reservations = words[H_OFF_RES]
+    holds = words[H_OFF_HOLDS]
+    if words[H_FREE_RES] >= 0:
+        slot = words[H_FREE_RES]
+        words[H_FREE_RES] = words[reservations + slot * RES_WIDTH + NEXT_FREE]
     else:
-        slot = header[H_RES_USED]
-        header[H_RES_USED] += 1
-    header[H_LIVE_RES] += 1
-    reservations[slot, TAG] = tag
-    reservations[slot, AMOUNT] = amount
-    reservations[slot, RES_EXPIRES] = expires
+        slot = words[H_RES_USED]
+        words[H_RES_USED] += 1
+    words[H_LIVE_RES] += 1
+    res_at = reservations + slot * RES_WIDTH
+    words[res_at + TAG] = tag
+    words[res_at + AMOUNT] = amount
+    words[res_at + RES_EXPIRES] = expires
     first = -1
     for i in range(n - 1, -1, -1):
-        if header[H_FREE_HOLD] >= 0:
-            hold = header[H_FREE_HOLD]
-            header[H_FREE_HOLD] = holds[hold, HOLD_NEXT]
-            header[H_FREE_HOLDS] -= 1
+        if words[H_FREE_HOLD] >= 0:
+            hold = words[H_FREE_HOLD]
+            words[H_FREE_HOLD] = words[holds + hold * HOLD_WIDTH + HOLD_NEXT]
+            words[H_FREE_HOLDS] -= 1
         else:
-            hold = header[H_HOLDS_USED]
-            header[H_HOLDS_USED] += 1
-        holds[hold, HOLD_ROW] = states[i, S_ROW]
-        holds[hold, HOLD_NEXT] = first
+            hold = words[H_HOLDS_USED]
+            words[H_HOLDS_USED] += 1
+        words[holds + hold * HOLD_WIDTH + HOLD_ROW] = out[RESULT_WORDS + i * STATE_WIDTH + S_ROW]
+        words[holds + hold * HOLD_WIDTH + HOLD_NEXT] = first
         first = hold
-    reservations[slot, FIRST_HOLD] = first
-    if header[H_HEAP_COUNT] >= header[H_HEAP_SLOTS]:
+    words[res_at + FIRST_HOLD] = first
+    if words[H_HEAP_COUNT] >= words[H_HEAP_SLOTS]:
         # Entries of committed reservations pile up until their expiry: rebuild from the live ones.
-        header[H_HEAP_COUNT] = 0
-        for other in range(header[H_RES_USED]):
-            if other != slot and reservations[other, TAG] != 0:
-                _heap_push(heap, header, reservations[other, RES_EXPIRES], other, reservations[other, TAG])
-    _heap_push(heap, header, expires, slot, tag)
+        words[H_HEAP_COUNT] = 0
+        for other in range(words[H_RES_USED]):
+            other_at = reservations + other * RES_WIDTH
+            if other != slot and words[other_at + TAG] != 0:
+                _heap_push(words, words[other_at + RES_EXPIRES], other, words[other_at + TAG])
+    _heap_push(words, expires, slot, tag)
     return slot
 
 
@@ -508,166 +574,176 @@ def _new_reservation(header, reservations, holds, heap, states, n, amount, expir
 
 
 @njit(cache=True, nogil=True)
-def _find_all(rows, index, block_next, block_data, plan, states, n):  # type: ignore[no-untyped-def]
-    """Look every counter up; returns the rows and key blocks the missing ones would need."""
-    keys = plan[1 + 3 * n :].view(np.uint8)
+def _find_all(words, plan, out, n):  # type: ignore[no-untyped-def]
+    """Look every counter up (its row, and its hash while the state is not filled in); returns the
+    rows and key blocks the missing ones would need."""
     missing_rows = 0
     missing_blocks = 0
+    keys = 1 + 3 * n
     for i in range(n):
-        limit_no = plan[1 + i]
-        start, end = plan[1 + n + i], plan[1 + 2 * n + i]
-        h = key_hash(limit_no, keys, start, end)
-        row = _find(rows, index, block_next, block_data, limit_no, h, keys, start, end)
-        states[i, S_ROW] = row
-        states[i, S_VALUE] = h  # the hash, until the states are filled in
+        limit_no, length, start = plan[1 + i], plan[1 + n + i], keys + plan[1 + 2 * n + i]
+        h = key_hash(limit_no, length, plan, start)
+        row = _find(words, limit_no, h, plan, length, start)
+        state = RESULT_WORDS + i * STATE_WIDTH
+        out[state + S_ROW] = row
+        out[state + S_VALUE] = h
         if row < 0:
             missing_rows += 1
-            missing_blocks += blocks_for(end - start)
+            missing_blocks += blocks_for(length)
     return missing_rows, missing_blocks
 
 
 @njit(cache=True, nogil=True)
-def decide(
-    buf: np.ndarray,
-    max_values: np.ndarray,
-    plan: np.ndarray,
-    mode: int,
-    delta: int,
-    now: int,
-    pid: int,
-    reservation_slot: int,
-    reservation_tag: int,
-    expires_at: int,
-    states: np.ndarray,
-    result: np.ndarray,
-) -> None:
-    """One decision over a request's counters, atomic across threads and processes.
+def decide(words: np.ndarray, max_values: np.ndarray, plan: np.ndarray, mode: int, delta: int, now: int,
+           pid: int, reservation_slot: int, reservation_tag: int, expires_at: int, out: np.ndarray) -> None:
+    """One decision over a request's counters (`plan`), atomic across threads and processes.
 
-    `plan` is int64: [n, limit_no x n, key start x n, key end x n, key bytes...] (see memory.py).
     CHECK_AND_UPDATE and RESERVE change nothing when a counter lacks room or the table is full;
     UPDATE charges regardless of room; CHECK changes nothing; COMMIT releases the reservation
-    (slot, tag) if still held and charges `delta`. Writes result[R_CODE] (WITHIN, the index of the
-    first counter without room, or FULL_* / BUSY), result[R_SLOT] / result[R_HELD], and each
-    counter's state after the decision into `states`.
+    (slot, tag) if still held and charges `delta`, unless that reservation was committed already
+    (a retried commit charges once). Writes the result words and each counter's
+    state after the decision into `out`.
     """
-    header = _header(buf)
-    if not _lock(header, pid):
-        result[R_CODE] = BUSY
+    if not _lock(words, pid):
+        out[R_CODE] = BUSY
         return
-    header, rows, index, block_next, block_data, limits, reservations, holds, heap = _views(buf)
-    _release_expired(header, rows, limits, reservations, holds, heap, now)
-    n = plan[0]
-    keys = plan[1 + 3 * n :].view(np.uint8)
-    missing_rows, missing_blocks = _find_all(rows, index, block_next, block_data, plan, states, n)
+    _release_expired(words, now)
+    n = plan[P_COUNT]
+    rows = words[H_OFF_ROWS]
+    missing_rows, missing_blocks = _find_all(words, plan, out, n)
 
     first = WITHIN
     if mode != UPDATE and mode != COMMIT:
         for i in range(n):
-            row = states[i, S_ROW]
+            row = out[RESULT_WORDS + i * STATE_WIDTH + S_ROW]
             used = 0
             held = 0
             if row >= 0:
-                if rows[row, EXPIRES_AT] > now:
-                    used = rows[row, VALUE]
-                held = rows[row, RESERVED]
+                at = rows + row * ROW_WIDTH
+                if words[at + EXPIRES_AT] > now:
+                    used = words[at + VALUE]
+                held = words[at + RESERVED]
             if used + held + delta > max_values[plan[1 + i]]:
                 first = i
                 break
     code = first
+    # A commit's reservation: NOT_HELD (unknown, or expired and released), HELD, or COMMITTED
+    # (its slot is kept until its expiry, so a retried commit charges nothing a second time).
+    commit_state = NOT_HELD
+    res_at = words[H_OFF_RES] + reservation_slot * RES_WIDTH
+    if (mode == COMMIT and 0 <= reservation_slot < words[H_RES_USED] and reservation_tag != 0
+            and words[res_at + TAG] == reservation_tag):
+        commit_state = COMMITTED if words[res_at + AMOUNT] < 0 else HELD
     if mode == CHECK:
         write = False
     elif mode == RESERVE or mode == CHECK_AND_UPDATE:
         write = first == WITHIN and (delta > 0 or mode == RESERVE)
     else:
-        write = delta > 0
+        write = delta > 0 and commit_state != COMMITTED
     if write and missing_rows > 0:
-        rows_free, blocks_free = _free_room(header)
-        if (rows_free < missing_rows or blocks_free < missing_blocks) and now >= header[H_NEXT_RECLAIM]:
-            if _sweep(header, rows, index, block_next, limits, SWEEP_CHUNK, now) > 0:
+        if ((_rows_free(words) < missing_rows or _blocks_free(words) < missing_blocks)
+                and now >= words[H_NEXT_RECLAIM]):
+            if _sweep(words, SWEEP_CHUNK, now) > 0:
                 # Rows this request found may have been reclaimed: look everything up again.
-                missing_rows, missing_blocks = _find_all(rows, index, block_next, block_data, plan, states, n)
-            rows_free, blocks_free = _free_room(header)
-        if rows_free < missing_rows:
+                missing_rows, missing_blocks = _find_all(words, plan, out, n)
+        if _rows_free(words) < missing_rows:
             code = FULL_ROWS
-            header[H_REFUSED_ROWS] += 1
+            words[H_REFUSED_ROWS] += 1
             write = False
-        elif blocks_free < missing_blocks:
+        elif _blocks_free(words) < missing_blocks:
             code = FULL_KEY_BYTES
-            header[H_REFUSED_KEY_BYTES] += 1
+            words[H_REFUSED_KEY_BYTES] += 1
             write = False
-    if write and mode == RESERVE and not _reservation_room(header, n):
+    if write and mode == RESERVE and not _reservation_room(words, n):
         code = FULL_RESERVATIONS
-        header[H_REFUSED_RESERVATIONS] += 1
+        words[H_REFUSED_RESERVATIONS] += 1
         write = False
     if mode == COMMIT and code == WITHIN:
-        held = (0 <= reservation_slot < header[H_RES_USED]
-                and reservations[reservation_slot, TAG] == reservation_tag and reservation_tag != 0)
-        if held:
-            _release_reservation(header, rows, limits, reservations, holds, reservation_slot)
-        result[R_HELD] = 1 if held else 0
+        if commit_state == HELD:
+            _release_holds(words, reservation_slot)
+            words[res_at + AMOUNT] = -1  # committed: the slot stays until its expiry
+        out[R_HELD] = commit_state
     if write:
+        keys = 1 + 3 * n
         for i in range(n):
             limit_no = plan[1 + i]
-            row = states[i, S_ROW]
+            state = RESULT_WORDS + i * STATE_WIDTH
+            row = out[state + S_ROW]
             if row < 0:
-                row = _allocate_row(header, rows, index, block_next, block_data, limit_no, states[i, S_VALUE],
-                                    keys, plan[1 + n + i], plan[1 + 2 * n + i])
-                states[i, S_ROW] = row
+                row = _allocate_row(words, limit_no, out[state + S_VALUE], plan, plan[1 + n + i],
+                                    keys + plan[1 + 2 * n + i])
+                out[state + S_ROW] = row
+            at = rows + row * ROW_WIDTH
             if mode == RESERVE:
-                rows[row, RESERVED] += delta
-            elif rows[row, EXPIRES_AT] <= now:
+                words[at + RESERVED] += delta
+            elif words[at + EXPIRES_AT] <= now:
                 # A new window starts at the counter's first hit (Limitador's fixed window).
-                rows[row, VALUE] = delta
-                rows[row, EXPIRES_AT] = now + limits[limit_no, WINDOW_MS]
-                _note_reclaim_time(header, rows[row, EXPIRES_AT] + limits[limit_no, WINDOW_MS])
+                window = _window_ms(words, limit_no)
+                words[at + VALUE] = delta
+                words[at + EXPIRES_AT] = now + window
+                _note_reclaim_time(words, now + 2 * window)
             else:
-                rows[row, VALUE] += delta
+                words[at + VALUE] += delta
         if mode == RESERVE:
-            result[R_SLOT] = _new_reservation(header, reservations, holds, heap, states, n, delta, expires_at,
-                                              reservation_tag)
+            out[R_SLOT] = _new_reservation(words, out, n, delta, expires_at, reservation_tag)
     for i in range(n):
-        row = states[i, S_ROW]
+        state = RESULT_WORDS + i * STATE_WIDTH
+        row = out[state + S_ROW]
         if row < 0:
-            states[i, S_VALUE] = 0
-            states[i, S_EXPIRES] = 0
-            states[i, S_RESERVED] = 0
+            out[state + S_VALUE] = 0
+            out[state + S_EXPIRES] = 0
+            out[state + S_RESERVED] = 0
         else:
-            running = rows[row, EXPIRES_AT] > now
-            states[i, S_VALUE] = rows[row, VALUE] if running else 0
-            states[i, S_EXPIRES] = rows[row, EXPIRES_AT] if running else 0
-            states[i, S_RESERVED] = rows[row, RESERVED]
-    result[R_CODE] = code
-    _unlock(header)
+            at = rows + row * ROW_WIDTH
+            running = words[at + EXPIRES_AT] > now
+            out[state + S_VALUE] = words[at + VALUE] if running else 0
+            out[state + S_EXPIRES] = words[at + EXPIRES_AT] if running else 0
+            out[state + S_RESERVED] = words[at + RESERVED]
+    out[R_CODE] = code
+    _unlock(words)
 
 
 # -- control plane ---------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def sweep(buf: np.ndarray, budget: int, now: int, pid: int, result: np.ndarray) -> None:
+def sweep(words: np.ndarray, budget: int, now: int, pid: int, out: np.ndarray) -> None:
     """Release expired reservations and reclaim rows among the next `budget` rows of the cycle."""
-    header = _header(buf)
-    if not _lock(header, pid):
-        result[R_CODE] = BUSY
+    if not _lock(words, pid):
+        out[R_CODE] = BUSY
         return
-    header, rows, index, block_next, block_data, limits, reservations, holds, heap = _views(buf)
-    _release_expired(header, rows, limits, reservations, holds, heap, now)
+    _release_expired(words, now)
     freed = 0
-    if now >= header[H_NEXT_RECLAIM]:
-        freed = _sweep(header, rows, index, block_next, limits, budget, now)
-    result[R_CODE] = WITHIN
-    result[R_FREED] = freed
-    _unlock(header)
+    if now >= words[H_NEXT_RECLAIM]:
+        freed = _sweep(words, budget, now)
+    out[R_CODE] = WITHIN
+    out[R_FREED] = freed
+    _unlock(words)
 
 
 @njit(cache=True, nogil=True)
-def _contains(data: np.ndarray, length: int, needle: np.ndarray) -> bool:
-    m = needle.shape[0]
-    if m == 0:
+def _key_contains(words, row_at, length, needle, needle_length, scratch):  # type: ignore[no-untyped-def]
+    """Copy the key's words into `scratch`; whether its bytes contain the needle's."""
+    blocks = words[H_OFF_BLOCKS]
+    count = key_words(length)
+    block = words[row_at + KEY] >> 32
+    i = 0
+    if length <= INLINE_BYTES:
+        for j in range(count):
+            scratch[j] = words[row_at + INLINE + j]
+        i = count
+    while i < count:
+        at = blocks + block * BLOCK_WORDS
+        for j in range(min(BLOCK_PAYLOAD_WORDS, count - i)):
+            scratch[i + j] = words[at + 1 + j]
+        i += BLOCK_PAYLOAD_WORDS
+        block = words[at]
+    if needle_length == 0:
         return True
-    for start in range(length - m + 1):
-        for j in range(m):
-            if data[start + j] != needle[j]:
+    for start in range(length - needle_length + 1):
+        for j in range(needle_length):
+            k = start + j
+            if (scratch[k >> 3] >> ((k & 7) * 8)) & 0xFF != needle[j]:
                 break
         else:
             return True
@@ -675,105 +751,89 @@ def _contains(data: np.ndarray, length: int, needle: np.ndarray) -> bool:
 
 
 @njit(cache=True, nogil=True)
-def list_rows(
-    buf: np.ndarray,
-    wanted: np.ndarray,
-    needle: np.ndarray,
-    cursor: int,
-    max_scan: int,
-    now: int,
-    pid: int,
-    out_rows: np.ndarray,
-    out_keys: np.ndarray,
-    out_ends: np.ndarray,
-    result: np.ndarray,
-) -> None:
+def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, cursor: int, max_scan: int, now: int,
+              pid: int, listed: np.ndarray, listed_keys: np.ndarray, out: np.ndarray) -> None:
     """Copy out live rows (window running or holding a reservation) of the wanted limit numbers
-    whose key contains `needle`, from row `cursor` on, scanning at most `max_scan` rows.
+    whose key bytes contain `needle`, from row `cursor` on, scanning at most `max_scan` rows.
 
-    out_rows[k] = row, limit_no, value, expires_at, reserved; key k is out_keys[out_ends[k-1]:out_ends[k]].
-    result[0] = how many, result[1] = the cursor to continue from (-1 when the table is done)."""
-    header = _header(buf)
-    if not _lock(header, pid):
-        result[R_CODE] = BUSY
+    listed[k] = (row, limit_no, value, expires_at, reserved, key length, first word in listed_keys).
+    out[0] = how many, out[1] = the cursor to continue from (-1 when the table is done), out[2] =
+    the key words needed when the key buffer filled up (0 otherwise)."""
+    if not _lock(words, pid):
+        out[R_CODE] = BUSY
         return
-    header, rows, index, block_next, block_data, limits, reservations, holds, heap = _views(buf)
-    _release_expired(header, rows, limits, reservations, holds, heap, now)
-    used = header[H_ROWS_USED]
+    _release_expired(words, now)
+    used = words[H_ROWS_USED]
+    rows = words[H_OFF_ROWS]
     count = 0
     written = 0
-    scratch = np.empty(out_keys.shape[0], dtype=np.uint8)
+    out[2] = 0
     row = cursor
     stop = min(used, cursor + max_scan)
-    while row < stop and count < out_rows.shape[0]:
-        limit_no = rows[row, LIMIT_NO]
+    while row < stop and count < listed.shape[0]:
+        at = rows + row * ROW_WIDTH
+        limit_no = words[at + LIMIT_NO]
         if (0 <= limit_no < wanted.shape[0] and wanted[limit_no]
-                and (rows[row, EXPIRES_AT] > now or rows[row, RESERVED] > 0)):
-            length = rows[row, KEY] & 0xFFFFFFFF
-            if written + length > out_keys.shape[0]:
-                break  # the key buffer is full: the caller continues from this row
-            block = rows[row, KEY] >> 32
-            i = 0
-            while i < length:
-                take = min(BLOCK_BYTES, length - i)
-                scratch[i : i + take] = block_data[block, :take]
-                i += take
-                block = block_next[block]
-            if _contains(scratch, length, needle):
-                out_keys[written : written + length] = scratch[:length]
-                written += length
-                out_ends[count] = written
-                out_rows[count, 0] = row
-                out_rows[count, 1] = limit_no
-                out_rows[count, 2] = rows[row, VALUE] if rows[row, EXPIRES_AT] > now else 0
-                out_rows[count, 3] = rows[row, EXPIRES_AT] if rows[row, EXPIRES_AT] > now else 0
-                out_rows[count, 4] = rows[row, RESERVED]
+                and (words[at + EXPIRES_AT] > now or words[at + RESERVED] > 0)):
+            length = words[at + KEY] & _LOW32
+            if written + key_words(length) + BLOCK_PAYLOAD_WORDS > listed_keys.shape[0]:
+                out[2] = key_words(length) + BLOCK_PAYLOAD_WORDS  # the key buffer is full: continue
+                break  # from this row (with a bigger buffer if not even one key fitted)
+            if _key_contains(words, at, length, needle, needle.shape[0],
+                             listed_keys[written:]):
+                running = words[at + EXPIRES_AT] > now
+                listed[count, 0] = row
+                listed[count, 1] = limit_no
+                listed[count, 2] = words[at + VALUE] if running else 0
+                listed[count, 3] = words[at + EXPIRES_AT] if running else 0
+                listed[count, 4] = words[at + RESERVED]
+                listed[count, 5] = length
+                listed[count, 6] = written
+                written += key_words(length)
                 count += 1
         row += 1
-    result[0] = count
-    result[1] = row if row < used else -1
-    _unlock(header)
+    out[0] = count
+    out[1] = row if row < used else -1
+    _unlock(words)
 
 
 @njit(cache=True, nogil=True)
-def register_limits(
-    buf: np.ndarray, ids: np.ndarray, windows: np.ndarray, retire: np.ndarray, now: int, pid: int,
-    out_nos: np.ndarray, result: np.ndarray,
-) -> None:
-    """Find or add each limit identity (ids[k] = 128-bit hash as two int64) and mark it active;
-    mark the limit numbers in `retire` retired for one window. out_nos[k] = -1 when the registry is full."""
-    header = _header(buf)
-    if not _lock(header, pid):
-        result[R_CODE] = BUSY
+def register_limits(words: np.ndarray, ids: np.ndarray, windows: np.ndarray, retire: np.ndarray, now: int,
+                    pid: int, numbers: np.ndarray, out: np.ndarray) -> None:
+    """Find or add each limit identity (ids[k] = its 128-bit hash as two int64) and mark it active;
+    mark the limit numbers in `retire` retired for one window. numbers[k] = -1 when the registry is full."""
+    if not _lock(words, pid):
+        out[R_CODE] = BUSY
         return
-    header, rows, index, block_next, block_data, limits, reservations, holds, heap = _views(buf)
-    slots = limits.shape[0]
+    limits = words[H_OFF_LIMITS]
+    slots = words[H_LIMIT_SLOTS]
     for k in range(ids.shape[0]):
         high, low = ids[k, 0], ids[k, 1]
         slot = low & (slots - 1)
-        out_nos[k] = -1
+        numbers[k] = -1
         for _ in range(slots):
-            state = limits[slot, STATE]
-            if state == LIMIT_FREE:
-                if header[H_LIMITS_USED] * 4 >= slots * 3:
+            at = limits + slot * LIMIT_WIDTH
+            if words[at + STATE] == LIMIT_FREE:
+                if words[H_LIMITS_USED] * 4 >= slots * 3:
                     break  # keep probe runs short: three quarters full is full
-                header[H_LIMITS_USED] += 1
-                limits[slot, ID_HIGH] = high
-                limits[slot, ID_LOW] = low
-                limits[slot, WINDOW_MS] = windows[k]
-                out_nos[k] = slot
+                words[H_LIMITS_USED] += 1
+                words[at + ID_HIGH] = high
+                words[at + ID_LOW] = low
+                words[at + WINDOW_MS] = windows[k]
+                numbers[k] = slot
                 break
-            if limits[slot, ID_HIGH] == high and limits[slot, ID_LOW] == low:
-                out_nos[k] = slot
+            if words[at + ID_HIGH] == high and words[at + ID_LOW] == low:
+                numbers[k] = slot
                 break
             slot = (slot + 1) & (slots - 1)
-        if out_nos[k] >= 0:
-            limits[out_nos[k], STATE] = LIMIT_ACTIVE
-            limits[out_nos[k], RETIRED_UNTIL] = 0
+        if numbers[k] >= 0:
+            at = limits + numbers[k] * LIMIT_WIDTH
+            words[at + STATE] = LIMIT_ACTIVE
+            words[at + RETIRED_UNTIL] = 0
     for k in range(retire.shape[0]):
-        no = retire[k]
-        if limits[no, STATE] == LIMIT_ACTIVE:
-            limits[no, STATE] = LIMIT_RETIRED
-            limits[no, RETIRED_UNTIL] = now + limits[no, WINDOW_MS]
-    result[R_CODE] = WITHIN
-    _unlock(header)
+        at = limits + retire[k] * LIMIT_WIDTH
+        if words[at + STATE] == LIMIT_ACTIVE:
+            words[at + STATE] = LIMIT_RETIRED
+            words[at + RETIRED_UNTIL] = now + words[at + WINDOW_MS]
+    out[R_CODE] = WITHIN
+    _unlock(words)

@@ -22,14 +22,13 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError, StorageFullError
 from ratelimit.limits import Identity, Limit
 from ratelimit.storage import kernels
-from ratelimit.storage.base import CounterPage, CounterSet, Storage
+from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
 from ratelimit.storage.table import CounterTable, TableStats, warm_up
 
 DEFAULT_CAPACITY = 2_000_000
@@ -51,15 +50,6 @@ _FULL_MESSAGES = {
     kernels.FULL_RESERVATIONS: "memory storage is full: every reservation slot is held; commit reservations "
                                "sooner or give them a shorter ttl",
 }
-
-
-@dataclass(slots=True)
-class RowPage:
-    """One page of list_counters; pass `next_cursor` (a row number) back for the next page (None: the
-    end). get_counters_page answers the storage interface's CounterPage, whose cursor is text."""
-
-    counters: list[CounterStatus]
-    next_cursor: int | None
 
 
 class _Plan:
@@ -89,7 +79,7 @@ class MemoryStorage(Storage):
         warm_up()
         self.table = table if table is not None else CounterTable.create(capacity)
         self.capacity = self.table.capacity
-        self._buf = self.table.buf
+        self._words = self.table.words
         self._clock = clock
         self._max_values = np.zeros(self.table.limit_slots, dtype=np.int64)
         self._no_by_identity: dict[Identity, int] = {}
@@ -142,50 +132,43 @@ class MemoryStorage(Storage):
     async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
         slot, tag = _parse_reservation_id(reservation_id)
         answer, result = self._decide(counters, actual, kernels.COMMIT, True, slot=slot, tag=tag)
-        return Commit(bool(result[kernels.R_HELD]), answer.counters)
+        return Commit(int(result[kernels.R_HELD]) == kernels.HELD, answer.counters)
 
     # -- control plane ---------------------------------------------------------------------------
 
     async def get_counters(self, limits: Sequence[Limit]) -> list[CounterStatus]:
         statuses: list[CounterStatus] = []
-        cursor: int | None = 0
-        while cursor is not None:
-            page = self.list_counters(limits, cursor=cursor, max_counters=LIST_PAGE * 10)
-            statuses.extend(page.counters)
-            cursor = page.next_cursor
+        row: int | None = 0
+        while row is not None:
+            counters, row = self._page(limits, row, LIST_PAGE * 10, None, None)
+            statuses.extend(counters)
         return statuses
 
-    def list_counters(self, limits: Sequence[Limit], *, cursor: int = 0, max_counters: int = LIST_PAGE,
-                      variable: str | None = None, value: str | None = None) -> RowPage:
-        """Live counters of `limits` from `cursor` on, at most `max_counters` of them; with
-        `variable` and `value`, only counters whose variable (its CEL source text, as in
-        `set_variables`) resolved to `value`. See `_page` for how the lock is held."""
-        if cursor < 0:
-            raise ValueError(f"cursor must be a value from a previous page, got {cursor}")
+    def list_counters(self, limits: Sequence[Limit], *, cursor: str | None = None, max_counters: int = LIST_PAGE,
+                      variable: str | None = None, value: str | None = None) -> CounterPage:
+        """Live counters of `limits` from `cursor` (a previous page's next_cursor; None: the start),
+        at most `max_counters` of them; with `variable` and `value`, only counters whose variable
+        (its CEL source text, as in `set_variables`) resolved to `value` (the table is searched for
+        the value's bytes, then each candidate checked). See `_page` for how the lock is held."""
         if (variable is None) != (value is None):
             raise ValueError("variable and value go together")
+        row = _cursor_row(cursor)
         if variable is None:
-            return self._page(limits, cursor, max_counters, None, None)
-        wanted = [limit for limit in limits if variable in limit.variables]
-        needle = (value or "").encode("utf-8")
-        return self._page(wanted, cursor, max_counters, needle,
-                          lambda counter: counter.set_variables.get(variable) == value)
+            counters, next_row = self._page(limits, row, max_counters, None, None)
+        else:
+            wanted = [limit for limit in limits if variable in limit.variables]
+            counters, next_row = self._page(wanted, row, max_counters, (value or "").encode("utf-8"),
+                                            lambda counter: counter.set_variables.get(variable) == value)
+        return CounterPage(counters, None if next_row is None else str(next_row))
 
     async def get_counters_page(self, limits: Sequence[Limit], cursor: str | None, max_counters: int,
-                                match: Callable[[Counter], bool] | None = None) -> CounterPage:
-        """A page of live counters for the control plane; `cursor` is a previous page's
-        `next_cursor` (None: from the start), `match` keeps only the counters it accepts."""
-        try:
-            row = 0 if cursor is None else int(cursor)
-            if row < 0:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"invalid cursor {cursor!r}: pass back a next_cursor from a previous page") from None
-        page = self._page(limits, row, max_counters, None, match)
-        return CounterPage(page.counters, None if page.next_cursor is None else str(page.next_cursor))
+                                match: CounterFilter | None = None) -> CounterPage:
+        """A page of live counters for the control plane; `match` keeps only the counters it accepts."""
+        counters, next_row = self._page(limits, _cursor_row(cursor), max_counters, None, match)
+        return CounterPage(counters, None if next_row is None else str(next_row))
 
     def _page(self, limits: Sequence[Limit], cursor: int, max_counters: int, needle: bytes | None,
-              match: Callable[[Counter], bool] | None) -> RowPage:
+              match: CounterFilter | None) -> tuple[list[CounterStatus], int | None]:
         """Scan the table from row `cursor` in chunks of LIST_SCAN_ROWS rows, each copied out under
         the lock (a fraction of a millisecond) and turned into CounterStatus outside it, until
         `max_counters` counters or LIST_ROWS_PER_PAGE rows; the page may hold fewer counters than
@@ -202,32 +185,34 @@ class MemoryStorage(Storage):
                 limit_of_no[no] = limit
         statuses: list[CounterStatus] = []
         if not limit_of_no:
-            return RowPage(statuses, None)
-        needle_array = np.array(bytearray(needle or b""), dtype=np.uint8)  # writable: the type warm_up compiled
+            return statuses, None
+        needle_array = np.array(bytearray(needle or b""), dtype=np.uint8)  # writable: one compiled type
         next_cursor: int | None = cursor
         scanned_until = cursor + LIST_ROWS_PER_PAGE
         while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
             room = max_counters - len(statuses)
-            out_rows = np.empty((room, 5), dtype=np.int64)
-            out_keys = np.empty(min(room * 256, 1 << 22), dtype=np.uint8)
-            out_ends = np.empty(room, dtype=np.int64)
-            now = self._now_ms()
-            result = self._call(kernels.list_rows, wanted, needle_array, next_cursor, LIST_SCAN_ROWS, now, _pid(),
-                                out_rows, out_keys, out_ends)
+            listed = np.empty((room, kernels.LISTED_WIDTH), dtype=np.int64)
+            key_room = min(room * 32, 1 << 19)
+            while True:
+                listed_keys = np.empty(key_room + kernels.BLOCK_PAYLOAD_WORDS, dtype=np.int64)
+                now = self._now_ms()
+                result = self._call(kernels.list_rows, wanted, needle_array, next_cursor, LIST_SCAN_ROWS, now,
+                                    _pid(), listed, listed_keys)
+                if result[0] > 0 or result[2] == 0:
+                    break
+                key_room = int(result[2])  # the next key alone is longer than the buffer
             count = int(result[0])
             next_cursor = None if result[1] < 0 else int(result[1])
-            start = 0
-            for i in range(count):
-                _, no, used, expires, reserved = out_rows[i].tolist()
-                end = int(out_ends[i])
+            key_bytes = listed_keys.view(np.uint8)
+            for _, no, used, expires, reserved, length, first_word in listed[:count].tolist():
                 limit = limit_of_no[no]
-                values = Counter.values_from_qualifier(limit, bytes(out_keys[start:end]).decode("utf-8"))
-                start = end
+                qualifier = key_bytes[8 * first_word : 8 * first_word + length].tobytes().decode("utf-8")
+                values = Counter.values_from_qualifier(limit, qualifier)
                 counter = Counter(limit, values)
                 if match is not None and not match(counter):
                     continue
                 statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return RowPage(statuses, next_cursor)
+        return statuses, next_cursor
 
     def sweep(self, max_rows: int = SWEEP_ROWS) -> int:
         """Release expired reservations and reclaim rows (idle for a window after their window ended)
@@ -264,7 +249,7 @@ class MemoryStorage(Storage):
         result = np.zeros(kernels.RESULT_WORDS, dtype=np.int64)
         waited_since = 0.0
         while True:
-            kernel(self._buf, *args, result)
+            kernel(self._words, *args, result)
             if result[kernels.R_CODE] != kernels.BUSY:
                 return result
             waited_since = waited_since or time.monotonic()
@@ -279,14 +264,15 @@ class MemoryStorage(Storage):
         known = [(c, no) for c in counter_set.counters if (no := no_by_identity.get(c.limit.identity)) is not None]
         keys = [c.qualifier().encode("utf-8") for c, _ in known]
         n = len(known)
-        key_bytes = sum(len(key) for key in keys)
-        array = np.zeros(1 + 3 * n + -(-key_bytes // 8), dtype=np.int64)
+        lengths = [len(key) for key in keys]
+        # Each key starts on a word and is zero-padded to whole words (kernels compare words).
+        padded = b"".join(key + bytes(-len(key) % 8) for key in keys)
+        array = np.zeros(1 + 3 * n + len(padded) // 8, dtype=np.int64)
         array[0] = n
-        ends = np.cumsum([len(key) for key in keys], dtype=np.int64)
         array[1 : 1 + n] = [no for _, no in known]
-        array[1 + n : 1 + 2 * n] = ends - [len(key) for key in keys]
-        array[1 + 2 * n : 1 + 3 * n] = ends
-        array[1 + 3 * n :].view(np.uint8)[:key_bytes] = np.frombuffer(b"".join(keys), dtype=np.uint8)
+        array[1 + n : 1 + 2 * n] = lengths
+        array[1 + 2 * n : 1 + 3 * n] = np.cumsum([0] + [-(-length // 8) for length in lengths[:-1]]) if n else []
+        array[1 + 3 * n :] = np.frombuffer(padded, dtype="<i8")
         counters = tuple(c for c, _ in known) if n != len(counter_set.counters) else counter_set.counters
         plan = _Plan(self._generation, array, counters)
         counter_set.storage_handle = plan
@@ -296,17 +282,37 @@ class MemoryStorage(Storage):
                 tag: int = 0, expires_at: int = 0) -> tuple[Decision, np.ndarray]:
         plan = self._plan(counters)
         now = self._now_ms()
-        states = np.empty((len(plan.counters), kernels.STATE_WIDTH), dtype=np.int64)
-        result = self._call(kernels.decide, self._max_values, plan.array, mode, delta, now, _pid(), slot, tag,
-                            expires_at, states)
-        code = int(result[kernels.R_CODE])
+        n = len(plan.counters)
+        out = np.zeros(kernels.RESULT_WORDS + n * kernels.STATE_WIDTH, dtype=np.int64)
+        words = self._words
+        decide = kernels.decide
+        pid = _pid()
+        waited_since = 0.0
+        while True:
+            decide(words, self._max_values, plan.array, mode, delta, now, pid, slot, tag, expires_at, out)
+            code = int(out[kernels.R_CODE])
+            if code != kernels.BUSY:
+                break
+            waited_since = waited_since or time.monotonic()
+            self.table.wait_for_lock(waited_since)
         if code < kernels.WITHIN:
             raise StorageFullError(_FULL_MESSAGES[code].format(capacity=self.capacity))
         statuses = []
         if load_counters:
-            for counter, (_, used, expires, reserved) in zip(plan.counters, states.tolist(), strict=True):
+            states = out[kernels.RESULT_WORDS :].reshape(n, kernels.STATE_WIDTH).tolist()
+            for counter, (_, used, expires, reserved) in zip(plan.counters, states, strict=True):
                 statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return Decision(plan.counters[code].limit if code >= 0 else None, statuses), result
+        return Decision(plan.counters[code].limit if code >= 0 else None, statuses), out
+
+
+def _cursor_row(cursor: str | None) -> int:
+    try:
+        row = 0 if cursor is None else int(cursor)
+    except ValueError:
+        row = -1
+    if row < 0:
+        raise ValueError(f"invalid cursor {cursor!r}: pass back a next_cursor from a previous page")
+    return row
 
 
 def _parse_reservation_id(reservation_id: str) -> tuple[int, int]:
@@ -321,8 +327,20 @@ def _parse_reservation_id(reservation_id: str) -> tuple[int, int]:
     return slot_no, tag_no
 
 
+_process_id = os.getpid()
+
+
 def _pid() -> int:
-    return os.getpid()
+    """This process's id (the lock word names its holder), cached: decisions ask for it every time."""
+    return _process_id
 
 
-__all__ = ["MemoryStorage", "RowPage", "CounterTable", "DEFAULT_CAPACITY"]
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+__all__ = ["MemoryStorage", "CounterTable", "DEFAULT_CAPACITY"]

@@ -28,7 +28,7 @@ VERSION = 1
 DEFAULT_KEY_BYTES_PER_COUNTER = 64
 """Key bytes (the variable values of a counter) the table has room for on average per counter."""
 DEFAULT_LIMIT_SLOTS = 1 << 16
-_ALIGN = 64
+_ALIGN_WORDS = 8  # regions start on 64-byte cache lines
 _SHM_DIR = "/dev/shm"
 _LOCK_WAIT_BEFORE_CHECKING_HOLDER = 0.5  # seconds: past this, look whether the holder still lives
 
@@ -64,7 +64,7 @@ class Layout:
         return cls(
             capacity=capacity,
             index_slots=max(8, 1 << (2 * capacity - 1).bit_length()),
-            key_blocks=max(capacity, capacity * key_bytes_per_counter // k.BLOCK_BYTES),
+            key_blocks=max(capacity, -(-capacity * key_bytes_per_counter // k.BLOCK_BYTES)),
             limit_slots=limit_slots,
             reservation_slots=reservations,
             hold_slots=4 * reservations,
@@ -72,21 +72,20 @@ class Layout:
         )
 
     def offsets(self) -> tuple[list[int], int]:
-        """Byte offsets of rows, index, block_next, block_data, limits, reservations, holds, heap; total size."""
+        """Word offsets of rows, index, key blocks, limits, reservations, holds, heap; total words."""
         sizes = [
-            self.capacity * k.ROW_WIDTH * 8,
-            self.index_slots * 4,
-            self.key_blocks * 4,
-            self.key_blocks * k.BLOCK_BYTES,
-            self.limit_slots * k.LIMIT_WIDTH * 8,
-            self.reservation_slots * k.RES_WIDTH * 8,
-            self.hold_slots * 2 * 8,
-            self.heap_slots * 3 * 8,
+            self.capacity * k.ROW_WIDTH,
+            self.index_slots // 2,  # two int32 slots per word
+            self.key_blocks * k.BLOCK_WORDS,
+            self.limit_slots * k.LIMIT_WIDTH,
+            self.reservation_slots * k.RES_WIDTH,
+            self.hold_slots * k.HOLD_WIDTH,
+            self.heap_slots * k.HEAP_WIDTH,
         ]
         offsets = []
-        position = k.HEADER_WORDS * 8
+        position = k.HEADER_WORDS
         for size in sizes:
-            position = -(-position // _ALIGN) * _ALIGN
+            position = -(-position // _ALIGN_WORDS) * _ALIGN_WORDS
             offsets.append(position)
             position += size
         return offsets, position
@@ -113,18 +112,19 @@ class CounterTable:
     """A table block and its name (None when private). Use `create` or `attach`."""
 
     def __init__(self, buf: np.ndarray, name: str | None, handle: object | None) -> None:
-        self.buf = buf
+        if len(buf) < 8 * k.HEADER_WORDS or len(buf) % 8:
+            raise TableError(f"shared memory block {name!r} is {len(buf)} bytes: not a counter table")
+        self.words = buf.view(np.int64)
         self.name = name
-        self._handle = handle  # the SharedMemory or mmap keeping `buf` mapped
-        header = self.header
-        if header[k.H_MAGIC] != k.MAGIC or header[k.H_TOTAL_BYTES] != len(buf):
+        self._handle = handle  # the SharedMemory or mmap keeping the block mapped
+        if self.words[k.H_MAGIC] != k.MAGIC or self.words[k.H_TOTAL_WORDS] * 8 != len(buf):
             raise TableError(f"shared memory block {name!r} is not a counter table of this version")
-        self.capacity = int(header[k.H_CAPACITY])
-        self.limit_slots = int(header[k.H_LIMIT_SLOTS])
+        self.capacity = int(self.words[k.H_CAPACITY])
+        self.limit_slots = int(self.words[k.H_LIMIT_SLOTS])
 
     @property
     def header(self) -> np.ndarray:
-        return self.buf[: k.HEADER_WORDS * 8].view(np.int64)
+        return self.words[: k.HEADER_WORDS]
 
     @classmethod
     def create(cls, capacity: int, *, shared: bool = False, name: str | None = None,
@@ -133,7 +133,8 @@ class CounterTable:
         """A new, empty table. With `shared`, a named shared-memory block (`name`, or a fresh one)
         that other processes attach to with `CounterTable.attach(table.name)`."""
         layout = Layout.for_capacity(capacity, key_bytes_per_counter, reservation_slots, limit_slots)
-        offsets, total = layout.offsets()
+        offsets, total_words = layout.offsets()
+        total = 8 * total_words
         handle: object | None = None
         if shared:
             name = name or f"ratelimit-{os.getpid()}-{secrets.token_hex(4)}"
@@ -157,10 +158,10 @@ class CounterTable:
         header[k.H_RES_SLOTS] = layout.reservation_slots
         header[k.H_HOLD_SLOTS] = layout.hold_slots
         header[k.H_HEAP_SLOTS] = layout.heap_slots
-        for word, offset in zip((k.H_OFF_ROWS, k.H_OFF_INDEX, k.H_OFF_BLOCK_NEXT, k.H_OFF_BLOCK_DATA,
-                                 k.H_OFF_LIMITS, k.H_OFF_RES, k.H_OFF_HOLDS, k.H_OFF_HEAP), offsets, strict=True):
+        for word, offset in zip((k.H_OFF_ROWS, k.H_OFF_INDEX, k.H_OFF_BLOCKS, k.H_OFF_LIMITS, k.H_OFF_RES,
+                                 k.H_OFF_HOLDS, k.H_OFF_HEAP), offsets, strict=True):
             header[word] = offset
-        header[k.H_TOTAL_BYTES] = total
+        header[k.H_TOTAL_WORDS] = total_words
         for word in (k.H_FREE_ROW, k.H_FREE_BLOCK, k.H_FREE_RES, k.H_FREE_HOLD):
             header[word] = -1
         header[k.H_CYCLE_MIN] = k.NEVER
@@ -193,7 +194,7 @@ class CounterTable:
     def close(self) -> None:
         """Unmap the block in this process (the storage using it must not decide afterwards)."""
         handle, self._handle = self._handle, None
-        self.buf = np.zeros(0, dtype=np.uint8)
+        self.words = np.zeros(k.HEADER_WORDS, dtype=np.int64)
         if handle is None:
             return
         try:
@@ -215,11 +216,11 @@ class CounterTable:
     def wait_for_lock(self, waited_since: float) -> None:
         """Called when a kernel found the lock taken past its spin: yield, and take the lock over if
         its holder has died (a worker killed in the middle of a decision)."""
-        k.note_busy(self.buf)
+        k.note_busy(self.words)
         if time.monotonic() - waited_since > _LOCK_WAIT_BEFORE_CHECKING_HOLDER:
-            holder = int(k.lock_holder(self.buf))
+            holder = int(k.lock_holder(self.words))
             if holder > 0 and holder != os.getpid() and not _alive(holder):
-                k.steal_lock(self.buf, holder, os.getpid())
+                k.steal_lock(self.words, holder, os.getpid())
         time.sleep(0)
 
     def stats(self) -> TableStats:
@@ -260,23 +261,19 @@ def warm_up() -> None:
     if _warm:
         return
     table = CounterTable.create(4, reservation_slots=2, limit_slots=8)
-    buf = table.buf
-    result = np.zeros(k.RESULT_WORDS, dtype=np.int64)
+    words = table.words
+    out = np.zeros(k.RESULT_WORDS + k.STATE_WIDTH, dtype=np.int64)
     ids = np.array([[1, 2]], dtype=np.int64)
-    nos = np.zeros(1, dtype=np.int64)
-    k.register_limits(buf, ids, np.array([1000], dtype=np.int64), np.zeros(0, dtype=np.int64), 0, 1, nos, result)
+    numbers = np.zeros(1, dtype=np.int64)
+    k.register_limits(words, ids, np.array([1000], dtype=np.int64), np.zeros(0, dtype=np.int64), 0, 1, numbers, out)
     max_values = np.full(8, 10, dtype=np.int64)
-    key = b"warm"
-    plan = np.zeros(5, dtype=np.int64)
-    plan[:4] = (1, nos[0], 0, len(key))
-    plan[4:].view(np.uint8)[: len(key)] = np.frombuffer(key, dtype=np.uint8)
-    states = np.zeros((1, k.STATE_WIDTH), dtype=np.int64)
+    plan = np.array([1, numbers[0], 4, 0, int.from_bytes(b"warm", "little")], dtype=np.int64)
     for mode in (k.CHECK, k.CHECK_AND_UPDATE, k.UPDATE, k.RESERVE, k.COMMIT):
-        k.decide(buf, max_values, plan, mode, 1, 1, 1, int(result[k.R_SLOT]), 7, 5, states, result)
-    k.list_rows(buf, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), 0, 8, 1, 1,
-                np.zeros((4, 5), dtype=np.int64), np.zeros(64, dtype=np.uint8), np.zeros(4, dtype=np.int64), result)
-    k.sweep(buf, 8, 10_000, 1, result)
-    k.lock_holder(buf)
-    k.steal_lock(buf, -1, 1)
-    k.note_busy(buf)
+        k.decide(words, max_values, plan, mode, 1, 1, 1, int(out[k.R_SLOT]), 7, 5, out)
+    k.list_rows(words, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), 0, 8, 1, 1,
+                np.zeros((4, k.LISTED_WIDTH), dtype=np.int64), np.zeros(64, dtype=np.int64), out)
+    k.sweep(words, 8, 10_000, 1, out)
+    k.lock_holder(words)
+    k.steal_lock(words, -1, 1)
+    k.note_busy(words)
     _warm = True
