@@ -33,8 +33,19 @@ ensure_venv() {
     : > .venv/install.log
     pip_with_progress --upgrade pip
     pip_with_progress -e "$target"
+    restore_opentelemetry_protos .venv/bin/python
     touch "$stamp"
   fi
+}
+
+# restore_opentelemetry_protos PYTHON: xds-protos ships an old copy of opentelemetry/proto/*_pb2.py that
+# overwrites opentelemetry-proto's when pip happens to install it last; the OTLP exporter then fails to
+# import (no InstrumentationScope). Re-installing opentelemetry-proto alone makes its files win,
+# whatever the install order was. deploy/install.sh does the same for the image.
+restore_opentelemetry_protos() {
+  local version
+  version=$("$1" -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')
+  "$1" -m pip install --quiet --no-deps --force-reinstall "opentelemetry-proto==$version" >>.venv/install.log 2>&1
 }
 
 # pip_with_progress ARGS...: `pip install ARGS`, its full output in .venv/install.log, and on stderr one
