@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -184,6 +185,9 @@ class RateLimiter:
         if not reservation_id or len(reservation_id) > MAX_KEY_LENGTH:
             raise InvalidRequest("reservation_id", "must be a non-empty id from reserve")
         storage_id, separator, digest = reservation_id.rpartition(_DIGEST_SEPARATOR)
+        if separator and not _DIGEST_FORMAT.fullmatch(digest):
+            # Not a digest this engine wrote (a client's own id that happens to hold the separator).
+            storage_id, separator = reservation_id, ""
         if separator and digest != _request_digest(namespace, descriptors):
             raise InvalidRequest(
                 "reservation_id",
@@ -210,6 +214,7 @@ class RateLimiter:
 
 
 _DIGEST_SEPARATOR = "~"
+_DIGEST_FORMAT = re.compile(r"[0-9a-f]{16}")  # what _request_digest writes
 
 
 def _request_digest(namespace: str, descriptors: Descriptors) -> str:
