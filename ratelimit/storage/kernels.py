@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit
 
 from ratelimit.storage.atomics import compare_and_swap, load_acquire, store_release
+from ratelimit.storage.base import Operation
 
 # -- layout ----------------------------------------------------------------------------------------
 
@@ -105,8 +106,14 @@ H_REFUSED_RESERVATIONS = 42  # no reservation slot or holds left
 H_FREED_ROWS = 43  # rows reclaimed so far (idle for a window after their window ended)
 REFUSAL_REASONS = {"rows": H_REFUSED_ROWS, "key_bytes": H_REFUSED_KEY_BYTES, "reservations": H_REFUSED_RESERVATIONS}
 
-# Decision modes (the numbers of storage.base.Operation) and result codes.
-CHECK_AND_UPDATE, CHECK, UPDATE, RESERVE, COMMIT = range(5)
+# Decision modes: Operation's numbers as plain ints, which numba folds into the kernels as constants
+# (an IntEnum member passed in would be typed, and compiled for, as an enum of its own).
+CHECK_AND_UPDATE = int(Operation.CHECK_AND_UPDATE)
+CHECK = int(Operation.CHECK)
+UPDATE = int(Operation.UPDATE)
+RESERVE = int(Operation.RESERVE)
+COMMIT = int(Operation.COMMIT)
+# Result codes.
 WITHIN = -1
 FULL_ROWS = -2
 FULL_KEY_BYTES = -3
