@@ -124,9 +124,10 @@ class Serve:
 # -- value parsers: shared by the command line and the environment --------------------------------
 
 
-def _number(text: str, kind: type[T]) -> T:
+def _number(text: str, kind: Callable[[str], T]) -> T:
+    """`kind` is int or float."""
     try:
-        return kind(text)  # type: ignore[call-arg]  # kind is int or float, both take a str
+        return kind(text)
     except ValueError:
         raise ValueError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
 

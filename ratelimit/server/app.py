@@ -47,7 +47,7 @@ from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, l
 from ratelimit.sources.maas import limits_from_files
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
-from ratelimit.storage.failure import FailureMode
+from ratelimit.storage.failure import FailureMode, OnStorageError
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
 from ratelimit.storage.redis import DEFAULT_TIMEOUT, RedisStorage
 from ratelimit.storage.redis_cached import (
@@ -88,7 +88,7 @@ class ServiceConfig:
     """Memory storage capacity in counters (`memory -c N`); None means the storage's default."""
     storage_url: str | None = None
     """`redis URL` / `redis_cached URL`."""
-    on_storage_error: str = "closed"
+    on_storage_error: OnStorageError = "closed"
     """What a decision answers when the storage cannot: closed (503 / UNAVAILABLE) or open (admitted)."""
     response_timeout: float = DEFAULT_TIMEOUT
     """Seconds a decision may wait for Redis."""
@@ -285,8 +285,7 @@ def build_storage(config: ServiceConfig) -> Storage:
             flush_period=config.flush_period, max_cached=config.max_cached,
         )
     # Timed outside FailureMode: a decision answered open after a Redis timeout took that long too.
-    # on_storage_error is the config's text; FailureMode refuses anything but "open" and "closed".
-    return TimedStorage(FailureMode(storage, config.on_storage_error))  # type: ignore[arg-type]
+    return TimedStorage(FailureMode(storage, config.on_storage_error))
 
 
 def build_servers(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2
@@ -78,6 +78,12 @@ class _Undecodable:
         self.error = error
 
 
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    """`context.abort`, typed as what it does (grpc ships no types): it raises, ending the call."""
+    await context.abort(code, details)
+    raise AssertionError("context.abort raises")  # pragma: no cover
+
+
 def _unary(
     method: Callable[[RequestT], Awaitable[ResponseT]], request_type: type[RequestT]
 ) -> grpc.RpcMethodHandler:
@@ -89,17 +95,16 @@ def _unary(
 
     async def call(request: RequestT | _Undecodable, context: grpc.aio.ServicerContext) -> ResponseT:
         if isinstance(request, _Undecodable):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
         try:
-            return await method(request)  # type: ignore[arg-type]  # not _Undecodable: abort() above raises
+            return await method(request)
         except InvalidRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except StorageError as error:
             # Not an OVER_LIMIT or UNKNOWN answer: Envoy applies failure_mode_deny to errors only.
             # Debug only: during an outage every call fails, and the storage reports its own health.
             logger.debug("counter storage unavailable: %s", error)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"counter storage unavailable: {error}")
-        raise AssertionError("context.abort raises")  # pragma: no cover
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, f"counter storage unavailable: {error}")
 
     return grpc.unary_unary_rpc_method_handler(
         call, request_deserializer=decode, response_serializer=lambda message: message.SerializeToString()

@@ -108,7 +108,8 @@ def guarded_http_protocol(max_connections: int, header_timeout: float = DEFAULT_
         _head_timer: asyncio.TimerHandle | None = None
         _refused = False
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]  # uvicorn's is typed so
+        # The parameter is narrower than asyncio.Protocol's BaseTransport, as in uvicorn's own override.
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
                 if awaiting_head:
                     next(iter(awaiting_head))._close_with(_EVICTED)

@@ -14,6 +14,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+OnStorageError = Literal["open", "closed"]
+"""The `--on-storage-error` modes."""
+
 
 class FailureMode(StorageWrapper):
     """`--on-storage-error open|closed` around any storage.
@@ -26,7 +29,7 @@ class FailureMode(StorageWrapper):
     decision and always raises.
     """
 
-    def __init__(self, storage: Storage, mode: Literal["open", "closed"]) -> None:
+    def __init__(self, storage: Storage, mode: OnStorageError) -> None:
         if mode not in ("open", "closed"):
             raise ValueError(f"on storage error must be open or closed, got {mode!r}")
         super().__init__(storage)

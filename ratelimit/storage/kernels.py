@@ -224,7 +224,7 @@ def _set_slot(words: np.ndarray, index: int, slot: int, entry: int) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _key_equals(words, row_at, plan, length, start):  # type: ignore[no-untyped-def]
+def _key_equals(words: np.ndarray, row_at: int, plan: np.ndarray, length: int, start: int) -> bool:
     packed = words[row_at + KEY]
     if packed & _LOW32 != length:
         return False
@@ -248,7 +248,7 @@ def _key_equals(words, row_at, plan, length, start):  # type: ignore[no-untyped-
 
 
 @njit(cache=True, nogil=True)
-def _find(words, limit_no, h, plan, length, start):  # type: ignore[no-untyped-def]
+def _find(words: np.ndarray, limit_no: int, h: int, plan: np.ndarray, length: int, start: int) -> int:
     index = words[H_OFF_INDEX]
     rows = words[H_OFF_ROWS]
     mask = words[H_INDEX_SLOTS] - 1
@@ -265,7 +265,7 @@ def _find(words, limit_no, h, plan, length, start):  # type: ignore[no-untyped-d
 
 
 @njit(cache=True, nogil=True)
-def _index_insert(words, row, h):  # type: ignore[no-untyped-def]
+def _index_insert(words: np.ndarray, row: int, h: int) -> None:
     index = words[H_OFF_INDEX]
     mask = words[H_INDEX_SLOTS] - 1
     slot = h & mask
@@ -275,7 +275,7 @@ def _index_insert(words, row, h):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _index_remove(words, row):  # type: ignore[no-untyped-def]
+def _index_remove(words: np.ndarray, row: int) -> None:
     """Delete by backward shift: later entries of the probe run move up, so lookups need no tombstones."""
     index = words[H_OFF_INDEX]
     rows = words[H_OFF_ROWS]
@@ -305,17 +305,17 @@ def _index_remove(words, row):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _rows_free(words):  # type: ignore[no-untyped-def]
-    return words[H_CAPACITY] - words[H_ROWS_USED] + words[H_FREE_ROWS]
+def _rows_free(words: np.ndarray) -> int:
+    return int(words[H_CAPACITY] - words[H_ROWS_USED] + words[H_FREE_ROWS])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _blocks_free(words):  # type: ignore[no-untyped-def]
-    return words[H_KEY_BLOCKS] - words[H_BLOCKS_USED] + words[H_FREE_BLOCKS]
+def _blocks_free(words: np.ndarray) -> int:
+    return int(words[H_KEY_BLOCKS] - words[H_BLOCKS_USED] + words[H_FREE_BLOCKS])
 
 
 @njit(cache=True, nogil=True)
-def _allocate_row(words, limit_no, h, plan, length, start):  # type: ignore[no-untyped-def]
+def _allocate_row(words: np.ndarray, limit_no: int, h: int, plan: np.ndarray, length: int, start: int) -> int:
     """A row for a new counter; the caller made sure there is room (rows and key blocks)."""
     rows = words[H_OFF_ROWS]
     if words[H_FREE_ROW] >= 0:
@@ -359,11 +359,11 @@ def _allocate_row(words, limit_no, h, plan, length, start):  # type: ignore[no-u
         words[at + INLINE + j] = plan[start + j] if length <= INLINE_BYTES and j < key_words(length) else 0
     _index_insert(words, row, h)
     words[H_LIVE_ROWS] += 1
-    return row
+    return int(row)
 
 
 @njit(cache=True, nogil=True)
-def _free_row(words, row):  # type: ignore[no-untyped-def]
+def _free_row(words: np.ndarray, row: int) -> None:
     _index_remove(words, row)
     at = words[H_OFF_ROWS] + row * ROW_WIDTH
     blocks = words[H_OFF_BLOCKS]
@@ -388,12 +388,12 @@ def _free_row(words, row):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _window_ms(words, limit_no):  # type: ignore[no-untyped-def]
-    return words[words[H_OFF_LIMITS] + limit_no * LIMIT_WIDTH + WINDOW_MS]
+def _window_ms(words: np.ndarray, limit_no: int) -> int:
+    return int(words[words[H_OFF_LIMITS] + limit_no * LIMIT_WIDTH + WINDOW_MS])
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _reclaim_at(words, at):  # type: ignore[no-untyped-def]
+def _reclaim_at(words: np.ndarray, at: int) -> int:
     """When a new key may take the row at word `at`: a counter keeps its row for one window after
     its window ends (so a returning user is never pushed out by new keys), a held row is never taken."""
     if words[at + RESERVED] > 0:
@@ -401,11 +401,11 @@ def _reclaim_at(words, at):  # type: ignore[no-untyped-def]
     expires = words[at + EXPIRES_AT]
     if expires == 0:
         return 0
-    return expires + _window_ms(words, words[at + LIMIT_NO])
+    return int(expires + _window_ms(words, words[at + LIMIT_NO]))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _note_reclaim_time(words, when):  # type: ignore[no-untyped-def]
+def _note_reclaim_time(words: np.ndarray, when: int) -> None:
     """Keep H_NEXT_RECLAIM and the running cycle's minimum lower bounds of every row's reclaim time."""
     if when < words[H_NEXT_RECLAIM]:
         words[H_NEXT_RECLAIM] = when
@@ -414,7 +414,7 @@ def _note_reclaim_time(words, when):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _sweep(words, budget, now):  # type: ignore[no-untyped-def]
+def _sweep(words: np.ndarray, budget: int, now: int) -> int:
     """Free reclaimable rows among the next `budget` rows of the sweep cycle; returns how many."""
     freed = 0
     used = words[H_ROWS_USED]
@@ -444,7 +444,7 @@ def _sweep(words, budget, now):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _heap_push(words, expires, slot, tag):  # type: ignore[no-untyped-def]
+def _heap_push(words: np.ndarray, expires: int, slot: int, tag: int) -> None:
     heap = words[H_OFF_HEAP]
     i = words[H_HEAP_COUNT]
     words[H_HEAP_COUNT] += 1
@@ -464,7 +464,7 @@ def _heap_push(words, expires, slot, tag):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _heap_pop(words):  # type: ignore[no-untyped-def]
+def _heap_pop(words: np.ndarray) -> None:
     heap = words[H_OFF_HEAP]
     count = words[H_HEAP_COUNT] - 1
     words[H_HEAP_COUNT] = count
@@ -490,7 +490,7 @@ def _heap_pop(words):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _release_reservation(words, slot):  # type: ignore[no-untyped-def]
+def _release_reservation(words: np.ndarray, slot: int) -> None:
     """Give back a reservation's holds and its slot (it expired)."""
     _release_holds(words, slot)
     res_at = words[H_OFF_RES] + slot * RES_WIDTH
@@ -501,7 +501,7 @@ def _release_reservation(words, slot):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _release_holds(words, slot):  # type: ignore[no-untyped-def]
+def _release_holds(words: np.ndarray, slot: int) -> None:
     res_at = words[H_OFF_RES] + slot * RES_WIDTH
     holds = words[H_OFF_HOLDS]
     rows = words[H_OFF_ROWS]
@@ -522,7 +522,7 @@ def _release_holds(words, slot):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _release_expired(words, now):  # type: ignore[no-untyped-def]
+def _release_expired(words: np.ndarray, now: int) -> None:
     heap = words[H_OFF_HEAP]
     while words[H_HEAP_COUNT] > 0 and words[heap + HEAP_EXPIRES] <= now:
         slot, tag = words[heap + HEAP_SLOT], words[heap + HEAP_TAG]
@@ -532,14 +532,14 @@ def _release_expired(words, now):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _reservation_room(words, holds_needed):  # type: ignore[no-untyped-def]
+def _reservation_room(words: np.ndarray, holds_needed: int) -> bool:
     slots_free = words[H_RES_SLOTS] - words[H_LIVE_RES]
     holds_free = words[H_HOLD_SLOTS] - words[H_HOLDS_USED] + words[H_FREE_HOLDS]
-    return slots_free > 0 and holds_free >= holds_needed
+    return bool(slots_free > 0 and holds_free >= holds_needed)
 
 
 @njit(cache=True, nogil=True)
-def _new_reservation(words, out, n, amount, expires, tag):  # type: ignore[no-untyped-def]
+def _new_reservation(words: np.ndarray, out: np.ndarray, n: int, amount: int, expires: int, tag: int) -> int:
     reservations = words[H_OFF_RES]
     holds = words[H_OFF_HOLDS]
     if words[H_FREE_RES] >= 0:
@@ -574,14 +574,14 @@ def _new_reservation(words, out, n, amount, expires, tag):  # type: ignore[no-un
             if other != slot and words[other_at + TAG] != 0:
                 _heap_push(words, words[other_at + RES_EXPIRES], other, words[other_at + TAG])
     _heap_push(words, expires, slot, tag)
-    return slot
+    return int(slot)
 
 
 # -- decisions -------------------------------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def _find_all(words, plan, out, n):  # type: ignore[no-untyped-def]
+def _find_all(words: np.ndarray, plan: np.ndarray, out: np.ndarray, n: int) -> tuple[int, int]:
     """Look every counter up (its row, and its hash while the state is not filled in); returns the
     rows and key blocks the missing ones would need."""
     missing_rows = 0
@@ -729,7 +729,7 @@ def sweep(words: np.ndarray, budget: int, now: int, pid: int, out: np.ndarray) -
 
 
 @njit(cache=True, nogil=True)
-def _key_contains(words, row_at, length, needle, needle_length, scratch):  # type: ignore[no-untyped-def]
+def _key_contains(words: np.ndarray, row_at: int, length: int, needle: np.ndarray, needle_length: int, scratch: np.ndarray) -> bool:
     """Copy the key's words into `scratch`; whether its bytes contain the needle's."""
     blocks = words[H_OFF_BLOCKS]
     count = key_words(length)

@@ -108,10 +108,14 @@ class TableStats:
     lock_stolen: int
 
 
+MappedBlock = shared_memory.SharedMemory | mmap.mmap
+"""What keeps a shared table mapped: the creator's SharedMemory, or an attached process's mmap."""
+
+
 class CounterTable:
     """A table block and its name (None when private). Use `create` or `attach`."""
 
-    def __init__(self, buf: np.ndarray, name: str | None, handle: object | None) -> None:
+    def __init__(self, buf: np.ndarray, name: str | None, handle: MappedBlock | None) -> None:
         if len(buf) < 8 * k.HEADER_WORDS or len(buf) % 8:
             raise TableError(f"shared memory block {name!r} is {len(buf)} bytes: not a counter table")
         self.words = buf.view(np.int64)
@@ -135,7 +139,7 @@ class CounterTable:
         layout = Layout.for_capacity(capacity, key_bytes_per_counter, reservation_slots, limit_slots)
         offsets, total_words = layout.offsets()
         total = 8 * total_words
-        handle: object | None = None
+        handle: MappedBlock | None = None
         if shared:
             name = name or f"ratelimit-{os.getpid()}-{secrets.token_hex(4)}"
             try:
@@ -198,7 +202,7 @@ class CounterTable:
         if handle is None:
             return
         try:
-            handle.close()  # type: ignore[attr-defined]  # a SharedMemory or mmap handle; both close
+            handle.close()
         except BufferError:
             pass  # arrays still view the block; it is unmapped when they are gone
 
