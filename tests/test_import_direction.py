@@ -6,8 +6,8 @@ Read from the source with `ast`, so lazy imports inside functions count as much 
 - the core (limits, cel, counters, engine, storage) imports nothing from server, sources, the
   metrics layer, exporter, dashboards or prometheus_client: it must run embedded, without them;
 - sources (limits files, MaaS translation) import nothing from server, exporter or dashboards;
-- ratelimit imports nothing from exporter or dashboards, except the one place that wires the
-  optional exporter collectors into the service (ALLOWED_EXPORTER_WIRING);
+- ratelimit imports nothing from exporter or dashboards (the service finds the exporter's collectors
+  by entry point: ratelimit.server.app.METRICS_EXTENSIONS);
 - no two modules of the project import each other, directly or round a longer loop.
 """
 
@@ -31,9 +31,6 @@ CORE_MAY_NOT_IMPORT = (
 SOURCES = ("ratelimit.sources",)
 SOURCES_MAY_NOT_IMPORT = ("ratelimit.server", "ratelimit.cli", "exporter", "dashboards")
 RATELIMIT_MAY_NOT_IMPORT = ("exporter", "dashboards")
-ALLOWED_EXPORTER_WIRING = {("ratelimit.server.app", "exporter.service")}
-"""`serve --quota-metrics / --model-catalog` registers the exporter's collectors on the service's
-/metrics; the import is lazy, so the service runs without the exporter loaded otherwise."""
 KNOWN_LOOPS = {("dashboards.draw", "dashboards.render")}
 """Loops still to be untied (sorted pairs), each with its owner told: `dashboards.render` imports
 `draw` lazily (matplotlib is an optional extra) and `draw` uses render's panel helpers; moving those
@@ -116,11 +113,7 @@ def violations(imports: list[Import]) -> list[str]:
             found.append(f"{edge}: the core must not depend on it")
         elif _within(edge.importer, SOURCES) and _within(edge.imported, SOURCES_MAY_NOT_IMPORT):
             found.append(f"{edge}: sources must not depend on the servers or the exporter")
-        elif (
-            _within(edge.importer, ("ratelimit",))
-            and _within(edge.imported, RATELIMIT_MAY_NOT_IMPORT)
-            and (edge.importer, edge.imported) not in ALLOWED_EXPORTER_WIRING
-        ):
+        elif _within(edge.importer, ("ratelimit",)) and _within(edge.imported, RATELIMIT_MAY_NOT_IMPORT):
             found.append(f"{edge}: exporter and dashboards use ratelimit, never the reverse")
     return found
 
@@ -175,10 +168,22 @@ def _edge(importer: str, imported: str) -> Import:
         ("ratelimit.sources.maas", "exporter.catalog"),
         ("ratelimit.cli", "exporter.catalog"),
         ("ratelimit.engine", "ratelimit.metrics"),
+        ("ratelimit.server.app", "exporter.service"),
     ],
 )
 def test_a_reverse_import_is_reported(importer: str, imported: str) -> None:
     assert len(violations([_edge(importer, imported)])) == 1
+
+
+def test_the_service_finds_the_exporter_by_entry_point_and_refuses_a_missing_one() -> None:
+    from exporter import extensions
+    from ratelimit.server.app import metrics_extension
+    from ratelimit.server.errors import ServerError
+
+    assert metrics_extension("quota_metrics", "--quota-metrics") is extensions.quota_metrics
+    assert metrics_extension("model_catalog", "--model-catalog") is extensions.model_catalog
+    with pytest.raises(ServerError, match="--no-such-metrics needs the ratelimit.metrics_extensions entry point"):
+        metrics_extension("no_such_metrics", "--no-such-metrics")
 
 
 def test_a_loop_between_two_servers_is_reported() -> None:

@@ -14,6 +14,7 @@ import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any, Protocol
 
 import uvicorn
@@ -251,11 +252,34 @@ def custom_labels_watcher(path: str, metrics: Metrics, interval: float) -> Limit
     return watcher
 
 
-def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
-    """Raises MetricLabelsError / CatalogError (ValueErrors) when a metrics file is invalid."""
-    # The exporter is optional and outside the core: imported only where it is wired in.
-    from exporter.service import install_model_catalog, install_quota_metrics
+METRICS_EXTENSIONS = "ratelimit.metrics_extensions"
+"""The entry-point group of the collectors other packages add to the service's /metrics: the
+exporter's quota gauges (`quota_metrics`) and model catalog (`model_catalog`), declared in
+pyproject.toml. ratelimit finds them by name and never imports the exporter; the exporter imports
+ratelimit."""
 
+
+class MetricsExtension(Protocol):
+    """An entry point of METRICS_EXTENSIONS: registers its collectors on the service's metrics, at start."""
+
+    def __call__(self, metrics: Metrics, engine: RateLimiter, config: ServiceConfig) -> None: ...
+
+
+def metrics_extension(name: str, option: str) -> MetricsExtension:
+    """The installed extension `name`, which `option` asks for; ServerError when none is installed."""
+    found = entry_points(group=METRICS_EXTENSIONS, name=name)
+    if not found:
+        raise ServerError(
+            f"cannot start: {option} needs the {METRICS_EXTENSIONS} entry point {name!r} (the exporter package),"
+            " which is not installed; reinstall the package (pip install .) so that its entry points are registered"
+        )
+    extension: MetricsExtension = next(iter(found)).load()
+    return extension
+
+
+def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
+    """Raises MetricLabelsError / CatalogError (ValueErrors) when a metrics file is invalid, and
+    ServerError when an option's metrics extension is not installed."""
     custom_labels = load_custom_labels(config.custom_metric_labels) if config.custom_metric_labels else {}
     default_labels = parse_default_labels(config.metric_labels_default) if config.metric_labels_default else None
     metrics = Metrics(
@@ -264,9 +288,9 @@ def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
         limits_of=lambda namespace, descriptors: [c.limit for c in engine.counters_for(namespace, descriptors).counters],
     )
     if config.quota_metrics:
-        install_quota_metrics(metrics, engine, custom_labels)
+        metrics_extension("quota_metrics", "--quota-metrics")(metrics, engine, config)
     if config.model_catalog:
-        install_model_catalog(metrics, config.model_catalog)
+        metrics_extension("model_catalog", "--model-catalog")(metrics, engine, config)
     return metrics
 
 
