@@ -41,7 +41,7 @@ from bench.core import (
 )
 from bench.report import write_results
 from ratelimit.engine import RateLimiter
-from ratelimit.storage.redis import RedisStorage
+from ratelimit.storage.redis import RedisOptions, RedisStorage
 
 CONCURRENCY = 64
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "redis.json"
@@ -105,7 +105,7 @@ def limits_contestant(url: str, windows: Windows) -> Decide:
 
 def our_contestant(url: str, windows: Windows) -> tuple[Decide, RedisStorage]:
     """Ours: one engine call per request, all windows in one Lua script (one round trip)."""
-    storage = RedisStorage(url)
+    storage = RedisStorage(RedisOptions(url))
     engine = RateLimiter(storage, stacked_limits(windows))
 
     async def decide(descriptors: Descriptors) -> bool:

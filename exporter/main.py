@@ -29,7 +29,7 @@ from ratelimit.metrics import MetricLabelsError, StorageHealth, load_custom_labe
 from ratelimit.sources.maas_naming import CatalogError, load_catalog
 from ratelimit.storage.base import Storage
 from ratelimit.storage.memory import MemoryStorage
-from ratelimit.storage.redis import RedisStorage
+from ratelimit.storage.redis import RedisOptions, RedisStorage
 
 Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
@@ -59,7 +59,7 @@ def build_storage(parser: argparse.ArgumentParser, words: Sequence[str]) -> Stor
         case ["redis" | "redis_cached", url]:
             # redis_cached writes back to the same keys, so reading them plainly is right for both.
             # Listing reads pages on connections of their own, each page within the listing timeout.
-            return RedisStorage(url)
+            return RedisStorage(RedisOptions(url))
     parser.error("storage must be `memory` or `redis URL`")
 
 

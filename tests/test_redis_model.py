@@ -13,7 +13,7 @@ from collections.abc import Callable
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
-from ratelimit.storage.redis import RedisStorage
+from ratelimit.storage.redis import RedisOptions, RedisStorage
 from tests.redis_fixtures import RedisCluster, RedisServer, redis_cluster, redis_server  # noqa: F401
 from tests.test_engine_model import EngineMatchesModel
 
@@ -30,7 +30,9 @@ def machine_on(url: str, flush: Callable[[], None]) -> type[EngineMatchesModel]:
         retried_commit_charges_once = False
         def make_storage(self) -> RedisStorage:  # type: ignore[override]
             flush()  # every example starts from an empty Redis
-            return RedisStorage(url, timeout=10, clock=lambda: self.now_ms / 1000, expiry_grace=GRACE_SECONDS)
+            return RedisStorage(
+                RedisOptions(url, timeout=10, clock=lambda: self.now_ms / 1000, expiry_grace=GRACE_SECONDS)
+            )
 
         def storage_full(self, keys: list[tuple]) -> bool:
             return False  # Redis has no counter capacity

@@ -365,10 +365,10 @@ def test_counters_over_30k_redis_counters_answer_in_full(
     """The issue's case: 30k counters in a healthy Redis, /counters with the default decision timeout."""
     from ratelimit.engine import RateLimiter
     from ratelimit.limits import load_limits_file
-    from ratelimit.storage.redis import RedisStorage
+    from ratelimit.storage.redis import RedisOptions, RedisStorage
 
     async def fill() -> None:
-        storage = RedisStorage(fresh_redis.url, timeout=30)
+        storage = RedisStorage(RedisOptions(fresh_redis.url, timeout=30))
         engine = RateLimiter(storage, load_limits_file(limits_path))
         try:
             for start in range(0, 30_000, 1000):

@@ -23,7 +23,7 @@ from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterFilter, Storage
 from ratelimit.storage.failure import FailureMode
-from ratelimit.storage.redis import RedisStorage
+from ratelimit.storage.redis import RedisOptions, RedisStorage
 from ratelimit.storage.redis_cached import CachedRedisStorage
 from ratelimit.storage.redis_client import key_slot, parse_url
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
@@ -110,7 +110,7 @@ async def admitted_concurrently(engine: RateLimiter, requests: list[list[dict[st
 
 def test_stacked_limits_admit_exactly_the_tightest_under_concurrency(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url, timeout=UNHURRIED), SHORT, DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url, timeout=UNHURRIED)), SHORT, DAY) as engine:
             assert await admitted_concurrently(engine, [request("alice")] * 200) == 30
             counters = {c.limit.name: c for c in await engine.get_counters(NS)}
             # Nothing was charged for a refused request, on either window.
@@ -121,7 +121,7 @@ def test_stacked_limits_admit_exactly_the_tightest_under_concurrency(single: Red
 
 def test_every_decision_is_one_script_call(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url), SHORT, DAY, PER_MODEL, GLOBAL) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY, PER_MODEL, GLOBAL) as engine:
             await engine.check_and_report(NS, request("alice"), 1)  # 4 counters
             await engine.check(NS, request("alice"))
             await engine.report(NS, request("alice"), 5)
@@ -135,7 +135,7 @@ def test_every_decision_is_one_script_call(single: RedisServer) -> None:
 
 def test_all_windows_of_a_user_on_a_model_share_a_slot(cluster: RedisCluster) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(cluster.url, timeout=UNHURRIED), SHORT, DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), SHORT, DAY) as engine:
             for user in ("alice", "bob", "carol", "dave"):
                 await engine.check_and_report(NS, request(user), 1)
 
@@ -158,7 +158,7 @@ def test_all_windows_of_a_user_on_a_model_share_a_slot(cluster: RedisCluster) ->
 def test_hash_tag_cannot_be_cut_short_by_braces(single: RedisServer) -> None:
     async def scenario() -> None:
         limit = Limit("ns{x}", 1, 60, (), (USER,))
-        async with limiter(RedisStorage(single.url), limit) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), limit) as engine:
             for user in ("a}b", "a}c", "{d}"):
                 assert not (await engine.check_and_report("ns{x}", request(user), 1)).limited
                 assert (await engine.check_and_report("ns{x}", request(user), 1)).limited
@@ -177,7 +177,7 @@ def test_cluster_decisions_spanning_slots_never_admit_past_a_limit(cluster: Redi
     users = ["alice", "bob", "carol"]
 
     async def scenario() -> None:
-        async with limiter(RedisStorage(cluster.url, timeout=UNHURRIED), DAY, GLOBAL) as engine:
+        async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY, GLOBAL) as engine:
             admitted = await admitted_concurrently(engine, [request(u) for u in users for _ in range(40)])
             counters = await engine.get_counters(NS)
             per_user = [c.value for c in counters if c.limit.name == "day"]
@@ -197,7 +197,7 @@ def test_cluster_decisions_spanning_slots_never_admit_past_a_limit(cluster: Redi
 
 def test_cluster_reserve_and_commit_span_slots(cluster: RedisCluster) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(cluster.url, timeout=UNHURRIED), DAY, GLOBAL) as engine:
+        async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY, GLOBAL) as engine:
             first = await engine.reserve(NS, request("alice"), 20, 60)
             refused = await engine.reserve(NS, request("bob"), 31, 60)  # over bob's day, under global
             assert first.reservation_id and not first.limited
@@ -217,7 +217,7 @@ def test_cluster_follows_a_slot_moved_to_another_node(cluster: RedisCluster) -> 
     with MIGRATE, as `redis-cli --cluster reshard` does); the next decision gets MOVED and follows."""
 
     async def scenario() -> None:
-        async with limiter(RedisStorage(cluster.url, timeout=UNHURRIED), DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY) as engine:
             for _ in range(3):
                 await engine.check_and_report(NS, request("alice"), 1)
             move_slot(cluster, key_slot(b"{maas/model|alice}"))
@@ -249,7 +249,7 @@ def move_slot(cluster: RedisCluster, slot: int) -> None:
 
 def test_counters_are_listed_from_the_index_without_scanning(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url), SHORT, DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY) as engine:
             for user in ("alice", "bob"):
                 await engine.check_and_report(NS, request(user), 2)
             await engine.reserve(NS, request("carol"), 4, 60)
@@ -283,10 +283,10 @@ def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: R
     users = [f"user-{i:05d}" for i in range(5_000)]
 
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url, timeout=10), SHORT, DAY) as filler:
+        async with limiter(RedisStorage(RedisOptions(single.url, timeout=10)), SHORT, DAY) as filler:
             for start in range(0, len(users), 1000):
                 await asyncio.gather(*(filler.report(NS, request(u), 1) for u in users[start:start + 1000]))
-        storage = RedisStorage(single.url, timeout=0.05)
+        storage = RedisStorage(RedisOptions(single.url, timeout=0.05))
         async with limiter(storage, SHORT, DAY):
             limits = [SHORT, DAY]
             pages = await walk_pages(storage, limits, 1000)
@@ -308,7 +308,7 @@ def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: R
 
 def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> None:  # noqa: F811
     async def scenario() -> None:
-        storage = RedisStorage(fresh_redis.url, listing_timeout=0.3)
+        storage = RedisStorage(RedisOptions(fresh_redis.url, listing_timeout=0.3))
         async with limiter(storage, DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
             fresh_redis.kill()
@@ -321,7 +321,7 @@ def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> Non
 
 def test_a_window_starts_at_the_first_hit_and_expires_in_redis(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url), SHORT) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), SHORT) as engine:
             assert not (await engine.check(NS, request("alice"))).limited  # a check starts no window
             with single.client() as client:
                 assert client.keys("rl:*") == []
@@ -335,7 +335,7 @@ def test_a_window_starts_at_the_first_hit_and_expires_in_redis(single: RedisServ
 
 def test_decisions_survive_the_script_cache_being_flushed(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url), DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
             with single.client() as client:
                 client.script_flush()
@@ -347,7 +347,7 @@ def test_decisions_survive_the_script_cache_being_flushed(single: RedisServer) -
 
 def test_a_reload_deletes_removed_limits_counters_without_blocking_the_others(single: RedisServer) -> None:
     async def scenario() -> None:
-        async with limiter(RedisStorage(single.url), SHORT, DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY) as engine:
             for user in ("alice", "bob"):
                 await engine.check_and_report(NS, request(user), 3)
             engine.configure_with([DAY])  # SHORT is gone: its counters are deleted in the background
@@ -373,9 +373,9 @@ def test_password_and_database_from_the_url(tmp_path: Path) -> None:
 
         async def scenario() -> None:
             url = f"redis://:s3cret%3A%2F%40@127.0.0.1:{server.port}/3"
-            async with limiter(RedisStorage(url), DAY) as engine:
+            async with limiter(RedisStorage(RedisOptions(url)), DAY) as engine:
                 assert not (await engine.check_and_report(NS, request("alice"), 1)).limited
-            async with limiter(RedisStorage(f"redis://:wrong@127.0.0.1:{server.port}/3"), DAY) as engine:
+            async with limiter(RedisStorage(RedisOptions(f"redis://:wrong@127.0.0.1:{server.port}/3")), DAY) as engine:
                 with pytest.raises(StorageError, match="WRONGPASS"):
                     await engine.check_and_report(NS, request("alice"), 1)
 
@@ -416,9 +416,9 @@ def test_tls_with_a_trusted_ca_or_insecure(tls_redis: tuple[RedisServer, Path]) 
 
     async def scenario() -> None:
         for url in (f"rediss://localhost:{port}?ssl_ca_certs={cert}", f"rediss://127.0.0.1:{port}#insecure"):
-            async with limiter(RedisStorage(url), DAY) as engine:
+            async with limiter(RedisStorage(RedisOptions(url)), DAY) as engine:
                 assert not (await engine.check_and_report(NS, request("alice"), 1)).limited
-        async with limiter(RedisStorage(f"rediss://127.0.0.1:{port}"), DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(f"rediss://127.0.0.1:{port}")), DAY) as engine:
             with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
                 await engine.check_and_report(NS, request("alice"), 1)
 
@@ -446,7 +446,7 @@ def test_url_forms() -> None:
 
 def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fresh_redis: RedisServer) -> None:  # noqa: F811
     async def scenario() -> None:
-        async with limiter(RedisStorage(fresh_redis.url, timeout=0.2), DAY) as engine:
+        async with limiter(RedisStorage(RedisOptions(fresh_redis.url, timeout=0.2)), DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
             assert fresh_redis.process is not None
             os.kill(fresh_redis.process.pid, signal.SIGSTOP)  # alive, but answers nothing
@@ -466,7 +466,7 @@ def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fre
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) -> None:  # noqa: F811
     async def scenario() -> None:
-        storage = FailureMode(RedisStorage(fresh_redis.url), mode)  # type: ignore[arg-type]
+        storage = FailureMode(RedisStorage(RedisOptions(fresh_redis.url)), mode)  # type: ignore[arg-type]
         engine = RateLimiter(storage, [DAY])
         try:
             await engine.check_and_report(NS, request("alice"), 1)
@@ -508,8 +508,8 @@ async def until_answered(engine: RateLimiter):
 
 def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> None:
     async def scenario() -> None:
-        first = CachedRedisStorage(single.url, flush_period=0.1)
-        second = CachedRedisStorage(single.url, flush_period=0.1)
+        first = CachedRedisStorage(RedisOptions(single.url), flush_period=0.1)
+        second = CachedRedisStorage(RedisOptions(single.url), flush_period=0.1)
         async with limiter(first, DAY) as a, limiter(second, DAY) as b:
             assert not any([(await a.check_and_report(NS, request("alice"), 1)).limited for _ in range(20)])
             before = script_calls(single)
@@ -531,7 +531,7 @@ def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> No
 
 def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: RedisServer) -> None:  # noqa: F811
     async def scenario() -> None:
-        storage = CachedRedisStorage(fresh_redis.url, flush_period=0.05, timeout=0.2)
+        storage = CachedRedisStorage(RedisOptions(fresh_redis.url, timeout=0.2), flush_period=0.05)
         async with limiter(storage, DAY) as engine:
             for _ in range(10):
                 await engine.check_and_report(NS, request("alice"), 1)
@@ -554,7 +554,7 @@ def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: 
 
 def test_cached_holds_at_most_max_cached_counters(single: RedisServer) -> None:
     async def scenario() -> None:
-        storage = CachedRedisStorage(single.url, max_cached=10, flush_period=3600)
+        storage = CachedRedisStorage(RedisOptions(single.url), max_cached=10, flush_period=3600)
         async with limiter(storage, DAY) as engine:
             for i in range(50):
                 await engine.check(NS, request(f"user-{i}"))
@@ -579,7 +579,7 @@ def test_a_retried_commit_charges_once_across_cluster_slots(cluster: RedisCluste
 
 
 async def _commit_twice(url: str) -> None:
-    async with limiter(RedisStorage(url), DAY, GLOBAL) as engine:
+    async with limiter(RedisStorage(RedisOptions(url)), DAY, GLOBAL) as engine:
         first = await engine.reserve(NS, request("alice"), 20, 60)
         other = await engine.reserve(NS, request("alice"), 5, 60)
         assert first.reservation_id and other.reservation_id

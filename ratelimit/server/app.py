@@ -50,7 +50,7 @@ from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.failure import FailureMode, OnStorageError
 from ratelimit.storage.memory import DEFAULT_CAPACITY, MemoryStorage
-from ratelimit.storage.redis import DEFAULT_TIMEOUT, RedisStorage
+from ratelimit.storage.redis import DEFAULT_TIMEOUT, RedisOptions, RedisStorage
 from ratelimit.storage.redis_cached import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUSH_PERIOD,
@@ -300,13 +300,13 @@ def build_storage(config: ServiceConfig) -> Storage:
             return MemoryStorage(table=CounterTable.attach(config.shared_table))
         return MemoryStorage(capacity=config.cache_size or DEFAULT_CAPACITY)
     assert config.storage_url is not None
+    redis = RedisOptions(config.storage_url, config.response_timeout)
     storage: Storage
     if config.storage == "redis":
-        storage = RedisStorage(config.storage_url, config.response_timeout)
+        storage = RedisStorage(redis)
     else:
         storage = CachedRedisStorage(
-            config.storage_url, config.response_timeout, batch_size=config.batch_size,
-            flush_period=config.flush_period, max_cached=config.max_cached,
+            redis, batch_size=config.batch_size, flush_period=config.flush_period, max_cached=config.max_cached,
         )
     # Timed outside FailureMode: a decision answered open after a Redis timeout took that long too.
     return TimedStorage(FailureMode(storage, config.on_storage_error))

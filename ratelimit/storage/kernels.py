@@ -729,7 +729,9 @@ def sweep(words: np.ndarray, budget: int, now: int, pid: int, out: np.ndarray) -
 
 
 @njit(cache=True, nogil=True)
-def _key_contains(words: np.ndarray, row_at: int, length: int, needle: np.ndarray, needle_length: int, scratch: np.ndarray) -> bool:
+def _key_contains(
+    words: np.ndarray, row_at: int, length: int, needle: np.ndarray, needle_length: int, scratch: np.ndarray
+) -> bool:
     """Copy the key's words into `scratch`; whether its bytes contain the needle's."""
     blocks = words[H_OFF_BLOCKS]
     count = key_words(length)

@@ -14,33 +14,16 @@ from collections.abc import Sequence
 from ratelimit.counters import Commit, CounterStatus, Decision, Reservation
 from ratelimit.limits import Limit
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Operation, Storage, StorageStatus
-from ratelimit.storage.redis_counters import (
-    DEFAULT_LISTING_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    Clock,
-    RedisCounters,
-)
+from ratelimit.storage.redis_counters import DEFAULT_LISTING_TIMEOUT, DEFAULT_TIMEOUT, RedisCounters, RedisOptions
 
-__all__ = ["DEFAULT_LISTING_TIMEOUT", "DEFAULT_TIMEOUT", "RedisStorage"]
+__all__ = ["DEFAULT_LISTING_TIMEOUT", "DEFAULT_TIMEOUT", "RedisOptions", "RedisStorage"]
 
 
 class RedisStorage(Storage):
     """Counters in Redis or Redis Cluster, every decision one script call per slot."""
 
-    def __init__(
-        self,
-        url: str,
-        timeout: float = DEFAULT_TIMEOUT,
-        *,
-        listing_timeout: float = DEFAULT_LISTING_TIMEOUT,
-        clock: Clock | None = None,
-        key_prefix: str = "rl:",
-        expiry_grace: float = 0.0,
-    ) -> None:
-        self.redis = RedisCounters(
-            url, timeout, listing_timeout=listing_timeout, clock=clock, key_prefix=key_prefix,
-            expiry_grace=expiry_grace,
-        )
+    def __init__(self, options: RedisOptions) -> None:
+        self.redis = RedisCounters(options)
 
     @property
     def timeout(self) -> float:

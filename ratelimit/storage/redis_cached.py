@@ -40,15 +40,7 @@ from dataclasses import dataclass
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError
 from ratelimit.limits import Identity, Limit
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Operation, Storage, StorageStatus
-from ratelimit.storage.redis_counters import (
-    DEFAULT_LISTING_TIMEOUT,
-    DEFAULT_TIMEOUT,
-    Clock,
-    RedisCounters,
-    RedisPlan,
-    ScriptReply,
-    SlotGroup,
-)
+from ratelimit.storage.redis_counters import RedisCounters, RedisOptions, RedisPlan, ScriptReply, SlotGroup
 
 logger = logging.getLogger(__name__)
 
@@ -127,28 +119,20 @@ class CachedRedisStorage(Storage):
 
     def __init__(
         self,
-        url: str,
-        timeout: float = DEFAULT_TIMEOUT,
+        options: RedisOptions,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         flush_period: float = DEFAULT_FLUSH_PERIOD,
         max_cached: int = DEFAULT_MAX_CACHED,
-        listing_timeout: float = DEFAULT_LISTING_TIMEOUT,
-        clock: Clock | None = None,
-        key_prefix: str = "rl:",
-        expiry_grace: float = 0.0,
     ) -> None:
         if batch_size < 1 or max_cached < 1 or not 0 < flush_period < float("inf"):
             raise ValueError("batch size and max cached must be at least 1, the flush period more than 0 seconds")
-        self.redis = RedisCounters(
-            url, timeout, listing_timeout=listing_timeout, clock=clock, key_prefix=key_prefix,
-            expiry_grace=expiry_grace,
-        )
-        self.timeout = timeout
+        self.redis = RedisCounters(options)
+        self.timeout = options.timeout
         self.batch_size = batch_size
         self.flush_period = flush_period
         self.max_cached = max_cached
-        self._local_clock = clock or time.time  # windows are Redis' (TIME): the wall clock is closest
+        self._local_clock = options.clock or time.time  # windows are Redis' (TIME): the wall clock is closest
         self._stale_after = 2 * flush_period
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._touched: dict[str, _Entry] = {}

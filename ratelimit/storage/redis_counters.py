@@ -68,7 +68,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import unquote
@@ -252,38 +252,51 @@ class KeyLayout:
 # -- the counters ----------------------------------------------------------------------------------
 
 
-class RedisCounters:
-    """Counters in Redis or Redis Cluster. Failures raise StorageError within `timeout` seconds."""
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """Which Redis, and how to talk to it: what the `redis` and `redis_cached` storages share (each
+    holds a RedisCounters made from these)."""
 
-    def __init__(
-        self,
-        url: str,
-        timeout: float = DEFAULT_TIMEOUT,
-        *,
-        listing_timeout: float = DEFAULT_LISTING_TIMEOUT,
-        clock: Clock | None = None,
-        key_prefix: str = "rl:",
-        expiry_grace: float = 0.0,
-    ) -> None:
-        for name, seconds in (("storage timeout", timeout), ("listing timeout", listing_timeout)):
+    url: str = field(repr=False)  # it may hold a password
+    """A Redis URL (redis_client.py lists the forms: TLS, unix sockets, cluster seeds)."""
+    timeout: float = DEFAULT_TIMEOUT
+    """Seconds a decision may wait for Redis (`--response-timeout`)."""
+    listing_timeout: float = DEFAULT_LISTING_TIMEOUT
+    """Seconds one page of a counter listing may take."""
+    clock: Clock | None = None
+    """The time decide.lua decides at, in seconds; None: Redis' own TIME (tests pass a clock they move)."""
+    key_prefix: str = "rl:"
+    """Put before every key this storage writes (see KeyLayout)."""
+    expiry_grace: float = 0.0
+    """Seconds a counter's key outlives its window in Redis (PEXPIRE only cleans up)."""
+
+    def __post_init__(self) -> None:
+        for name, seconds in (("storage timeout", self.timeout), ("listing timeout", self.listing_timeout)):
             if not 0 < seconds < float("inf"):
                 raise ValueError(f"the {name} must be a positive number of seconds, got {seconds}")
-        self.timeout = timeout
-        self.listing_timeout = listing_timeout
+
+
+class RedisCounters:
+    """Counters in Redis or Redis Cluster. Failures raise StorageError within `options.timeout` seconds."""
+
+    def __init__(self, options: RedisOptions) -> None:
+        self.options = options
+        self.timeout = options.timeout
+        self.listing_timeout = options.listing_timeout
         # Not reachable until Redis first answered: a service must not say it is ready before that.
         self.status = StorageStatus(reachable=False)
         self._servers = _ServerIdentity(self.status)
-        self._client = connect(url, timeout, _GREETING, self._servers.connected)
+        self._client = connect(options.url, options.timeout, _GREETING, self._servers.connected)
         # Listing has connections of its own: its replies never queue ahead of a decision's.
-        self._listing_client = connect(url, listing_timeout, _GREETING, self._servers.connected)
-        self.location = str(url.rsplit("@", 1)[-1])
+        self._listing_client = connect(options.url, options.listing_timeout, _GREETING, self._servers.connected)
+        self.location = str(options.url.rsplit("@", 1)[-1])
         """The URL without credentials, for log lines."""
-        self._clock = clock
-        self.keys = KeyLayout(key_prefix)
-        self._grace_ms = round(expiry_grace * 1000)
+        self._clock = options.clock
+        self.keys = KeyLayout(options.key_prefix)
+        self._grace_ms = round(options.expiry_grace * 1000)
         # A two-phase hold must outlive any phase 2 that can still reach Redis (each phase gives up
         # after `timeout`), with a wide margin; it only ever blocks budget, never admits past it.
-        self._hold_ttl_ms = max(1000, round(10_000 * timeout))
+        self._hold_ttl_ms = max(1000, round(10_000 * options.timeout))
         self._limits: dict[Identity, Limit] = {}
         self._generation = 0
         self._removed: list[Limit] = []
