@@ -301,6 +301,36 @@ def _index_remove(words: np.ndarray, row: int) -> None:
     _set_slot(words, index, hole, 0)
 
 
+# -- free lists ------------------------------------------------------------------------------------
+# Rows, key blocks, reservation slots and holds are each handed out from a free list (its first
+# entry in a header word, and in each free entry one word linking to the next) or, when that is
+# empty, from the region's never-used end. `link_at` is the table offset of entry 0's link word.
+
+UNCOUNTED = -1  # reservation slots count the live ones (H_LIVE_RES), not the free ones
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _take(words: np.ndarray, head: int, free_count: int, used: int, link_at: int, width: int) -> int:
+    """An entry for new use: the free list's first, else the first never used (header word `used`)."""
+    entry = words[head]
+    if entry >= 0:
+        words[head] = words[link_at + entry * width]
+        if free_count != UNCOUNTED:
+            words[free_count] -= 1
+    else:
+        entry = words[used]
+        words[used] += 1
+    return int(entry)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _give_back(words: np.ndarray, head: int, free_count: int, link_at: int, width: int, entry: int) -> None:
+    words[link_at + entry * width] = words[head]
+    words[head] = entry
+    if free_count != UNCOUNTED:
+        words[free_count] += 1
+
+
 # -- rows ------------------------------------------------------------------------------------------
 
 
@@ -318,26 +348,14 @@ def _blocks_free(words: np.ndarray) -> int:
 def _allocate_row(words: np.ndarray, limit_no: int, h: int, plan: np.ndarray, length: int, start: int) -> int:
     """A row for a new counter; the caller made sure there is room (rows and key blocks)."""
     rows = words[H_OFF_ROWS]
-    if words[H_FREE_ROW] >= 0:
-        row = words[H_FREE_ROW]
-        words[H_FREE_ROW] = words[rows + row * ROW_WIDTH + VALUE]
-        words[H_FREE_ROWS] -= 1
-    else:
-        row = words[H_ROWS_USED]
-        words[H_ROWS_USED] += 1
+    row = _take(words, H_FREE_ROW, H_FREE_ROWS, H_ROWS_USED, rows + VALUE, ROW_WIDTH)
     blocks = words[H_OFF_BLOCKS]
     count = key_words(length) if length > INLINE_BYTES else 0
     first = 0
     previous = -1
     i = 0
     while i < count:
-        if words[H_FREE_BLOCK] >= 0:
-            block = words[H_FREE_BLOCK]
-            words[H_FREE_BLOCK] = words[blocks + block * BLOCK_WORDS]
-            words[H_FREE_BLOCKS] -= 1
-        else:
-            block = words[H_BLOCKS_USED]
-            words[H_BLOCKS_USED] += 1
+        block = _take(words, H_FREE_BLOCK, H_FREE_BLOCKS, H_BLOCKS_USED, blocks, BLOCK_WORDS)
         at = blocks + block * BLOCK_WORDS
         words[at] = -1
         for j in range(BLOCK_PAYLOAD_WORDS):
@@ -359,30 +377,27 @@ def _allocate_row(words: np.ndarray, limit_no: int, h: int, plan: np.ndarray, le
         words[at + INLINE + j] = plan[start + j] if length <= INLINE_BYTES and j < key_words(length) else 0
     _index_insert(words, row, h)
     words[H_LIVE_ROWS] += 1
-    return int(row)
+    return row
 
 
 @njit(cache=True, nogil=True)
 def _free_row(words: np.ndarray, row: int) -> None:
     _index_remove(words, row)
-    at = words[H_OFF_ROWS] + row * ROW_WIDTH
+    rows = words[H_OFF_ROWS]
+    at = rows + row * ROW_WIDTH
     blocks = words[H_OFF_BLOCKS]
     if words[at + KEY] & _LOW32 > INLINE_BYTES:
         block = words[at + KEY] >> 32
         while block >= 0:
             following = words[blocks + block * BLOCK_WORDS]
-            words[blocks + block * BLOCK_WORDS] = words[H_FREE_BLOCK]
-            words[H_FREE_BLOCK] = block
-            words[H_FREE_BLOCKS] += 1
+            _give_back(words, H_FREE_BLOCK, H_FREE_BLOCKS, blocks, BLOCK_WORDS, block)
             block = following
     words[at + LIMIT_NO] = -1
     words[at + EXPIRES_AT] = 0
     words[at + RESERVED] = 0
     words[at + HASH] = 0
     words[at + KEY] = 0
-    words[at + VALUE] = words[H_FREE_ROW]
-    words[H_FREE_ROW] = row
-    words[H_FREE_ROWS] += 1
+    _give_back(words, H_FREE_ROW, H_FREE_ROWS, rows + VALUE, ROW_WIDTH, row)
     words[H_LIVE_ROWS] -= 1
     words[H_FREED_ROWS] += 1
 
@@ -493,10 +508,9 @@ def _heap_pop(words: np.ndarray) -> None:
 def _release_reservation(words: np.ndarray, slot: int) -> None:
     """Give back a reservation's holds and its slot (it expired)."""
     _release_holds(words, slot)
-    res_at = words[H_OFF_RES] + slot * RES_WIDTH
-    words[res_at + TAG] = 0
-    words[res_at + NEXT_FREE] = words[H_FREE_RES]
-    words[H_FREE_RES] = slot
+    reservations = words[H_OFF_RES]
+    words[reservations + slot * RES_WIDTH + TAG] = 0
+    _give_back(words, H_FREE_RES, UNCOUNTED, reservations + NEXT_FREE, RES_WIDTH, slot)
     words[H_LIVE_RES] -= 1
 
 
@@ -514,9 +528,7 @@ def _release_holds(words: np.ndarray, slot: int) -> None:
         if words[row_at + RESERVED] == 0:
             _note_reclaim_time(words, _reclaim_at(words, row_at))
         following = words[hold_at + HOLD_NEXT]
-        words[hold_at + HOLD_NEXT] = words[H_FREE_HOLD]
-        words[H_FREE_HOLD] = hold
-        words[H_FREE_HOLDS] += 1
+        _give_back(words, H_FREE_HOLD, H_FREE_HOLDS, holds + HOLD_NEXT, HOLD_WIDTH, hold)
         hold = following
     words[res_at + FIRST_HOLD] = -1
 
@@ -542,12 +554,7 @@ def _reservation_room(words: np.ndarray, holds_needed: int) -> bool:
 def _new_reservation(words: np.ndarray, out: np.ndarray, n: int, amount: int, expires: int, tag: int) -> int:
     reservations = words[H_OFF_RES]
     holds = words[H_OFF_HOLDS]
-    if words[H_FREE_RES] >= 0:
-        slot = words[H_FREE_RES]
-        words[H_FREE_RES] = words[reservations + slot * RES_WIDTH + NEXT_FREE]
-    else:
-        slot = words[H_RES_USED]
-        words[H_RES_USED] += 1
+    slot = _take(words, H_FREE_RES, UNCOUNTED, H_RES_USED, reservations + NEXT_FREE, RES_WIDTH)
     words[H_LIVE_RES] += 1
     res_at = reservations + slot * RES_WIDTH
     words[res_at + TAG] = tag
@@ -555,13 +562,7 @@ def _new_reservation(words: np.ndarray, out: np.ndarray, n: int, amount: int, ex
     words[res_at + RES_EXPIRES] = expires
     first = -1
     for i in range(n - 1, -1, -1):
-        if words[H_FREE_HOLD] >= 0:
-            hold = words[H_FREE_HOLD]
-            words[H_FREE_HOLD] = words[holds + hold * HOLD_WIDTH + HOLD_NEXT]
-            words[H_FREE_HOLDS] -= 1
-        else:
-            hold = words[H_HOLDS_USED]
-            words[H_HOLDS_USED] += 1
+        hold = _take(words, H_FREE_HOLD, H_FREE_HOLDS, H_HOLDS_USED, holds + HOLD_NEXT, HOLD_WIDTH)
         words[holds + hold * HOLD_WIDTH + HOLD_ROW] = out[RESULT_WORDS + i * STATE_WIDTH + S_ROW]
         words[holds + hold * HOLD_WIDTH + HOLD_NEXT] = first
         first = hold
@@ -574,7 +575,7 @@ def _new_reservation(words: np.ndarray, out: np.ndarray, n: int, amount: int, ex
             if other != slot and words[other_at + TAG] != 0:
                 _heap_push(words, words[other_at + RES_EXPIRES], other, words[other_at + TAG])
     _heap_push(words, expires, slot, tag)
-    return int(slot)
+    return slot
 
 
 # -- decisions -------------------------------------------------------------------------------------
