@@ -543,6 +543,17 @@ def _release_expired(words: np.ndarray, now: int) -> None:
             _release_reservation(words, slot)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _enter(words: np.ndarray, pid: int, now: int, out: np.ndarray) -> bool:
+    """What a kernel that reads or writes counters does first: take the lock, then release the
+    reservations expired by `now`. False, with BUSY in `out`, when another holder kept the lock."""
+    if not _lock(words, pid):
+        out[R_CODE] = BUSY
+        return False
+    _release_expired(words, now)
+    return True
+
+
 @njit(cache=True, nogil=True)
 def _reservation_room(words: np.ndarray, holds_needed: int) -> bool:
     slots_free = words[H_RES_SLOTS] - words[H_LIVE_RES]
@@ -612,10 +623,8 @@ def decide(words: np.ndarray, max_values: np.ndarray, plan: np.ndarray, mode: in
     (a retried commit charges once). Writes the result words and each counter's
     state after the decision into `out`.
     """
-    if not _lock(words, pid):
-        out[R_CODE] = BUSY
+    if not _enter(words, pid, now, out):
         return
-    _release_expired(words, now)
     n = plan[P_COUNT]
     rows = words[H_OFF_ROWS]
     missing_rows, missing_blocks = _find_all(words, plan, out, n)
@@ -717,10 +726,8 @@ def decide(words: np.ndarray, max_values: np.ndarray, plan: np.ndarray, mode: in
 @njit(cache=True, nogil=True)
 def sweep(words: np.ndarray, budget: int, now: int, pid: int, out: np.ndarray) -> None:
     """Release expired reservations and reclaim rows among the next `budget` rows of the cycle."""
-    if not _lock(words, pid):
-        out[R_CODE] = BUSY
+    if not _enter(words, pid, now, out):
         return
-    _release_expired(words, now)
     freed = 0
     if now >= words[H_NEXT_RECLAIM]:
         freed = _sweep(words, budget, now)
@@ -769,10 +776,8 @@ def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, cursor:
     listed[k] = (row, limit_no, value, expires_at, reserved, key length, first word in listed_keys).
     out[0] = how many, out[1] = the cursor to continue from (-1 when the table is done), out[2] =
     the key words needed when the key buffer filled up (0 otherwise)."""
-    if not _lock(words, pid):
-        out[R_CODE] = BUSY
+    if not _enter(words, pid, now, out):
         return
-    _release_expired(words, now)
     used = words[H_ROWS_USED]
     rows = words[H_OFF_ROWS]
     count = 0

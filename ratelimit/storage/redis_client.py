@@ -379,10 +379,8 @@ class ServerClient(Client):
 
     cluster = False
 
-    def __init__(
-        self, address: Address, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None
-    ) -> None:
-        self._server = Node(address, timeout, greeting, on_connect)
+    def __init__(self, server: Node) -> None:
+        self._server = server
 
     def request(self, slot: int, command: bytes) -> Awaitable[object]:
         return self._server.request(command)
@@ -404,13 +402,10 @@ class ClusterClient(Client):
     cluster = True
     _MAX_REDIRECTS = 3
 
-    def __init__(
-        self, seed: Address, timeout: float, greeting: Sequence[bytes] = (), on_connect: OnConnect | None = None
-    ) -> None:
+    def __init__(self, seed: Address, new_node: Callable[[Address], Node]) -> None:
         self._seed = seed
-        self._timeout = timeout
-        self._greeting = greeting
-        self._on_connect = on_connect
+        self._new_node = new_node
+        """A Node for an address the slot map names (as the seed's, but for host and port)."""
         self._nodes: dict[tuple[str, int], Node] = {}
         self._by_slot: list[Node | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[None] | None = None
@@ -464,7 +459,7 @@ class ClusterClient(Client):
     def _node(self, host: str, port: int) -> Node:
         node = self._nodes.get((host, port))
         if node is None:
-            node = Node(replace(self._seed, host=host, port=port), self._timeout, self._greeting, self._on_connect)
+            node = self._new_node(replace(self._seed, host=host, port=port))
             self._nodes[(host, port)] = node
         return node
 
@@ -516,6 +511,10 @@ def connect(url: str, timeout: float, greeting: Sequence[bytes] = (), on_connect
     """A client for a storage URL; connections open on first use and reopen on their own, each
     sending the `greeting` commands first and then telling `on_connect` their replies."""
     parsed = parse_url(url)
+
+    def node(address: Address) -> Node:
+        return Node(address, timeout, greeting, on_connect)
+
     if parsed.cluster:
-        return ClusterClient(parsed.address, timeout, greeting, on_connect)
-    return ServerClient(parsed.address, timeout, greeting, on_connect)
+        return ClusterClient(parsed.address, node)
+    return ServerClient(node(parsed.address))
