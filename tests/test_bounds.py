@@ -22,7 +22,8 @@ from ratelimit.limits import parse_limits
 from ratelimit.metrics import MAX_LABEL_VALUE_LENGTH, TOO_LONG_LABEL, Metrics
 from ratelimit.server.grpc import MAX_MESSAGE_BYTES
 from ratelimit.storage.memory import MemoryStorage
-from tests.conftest import ServiceProcess, wait_until
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 LIMITS = """
 - {namespace: limited, name: per-user, max_value: 3, seconds: 60, variables: ["descriptors[0]['user']"]}

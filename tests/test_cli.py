@@ -8,7 +8,7 @@ import pytest
 
 from ratelimit.cli import DEFAULT_LIMITS_FILE, Serve, Validate, main, parse_command
 from ratelimit.server.app import ServiceConfig
-from tests.conftest import EXAMPLES
+from tests.support import EXAMPLES
 
 FULL_ENV = {
     "LIMITS_FILE": "/env/limits.yaml",

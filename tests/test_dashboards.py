@@ -18,8 +18,8 @@ import yaml
 
 from dashboards.generate import DASHBOARDS, OUT, files, render
 from dashboards.perses import Dashboard, all_queries
-from tests.conftest import REPO
-from tests.test_metrics_prometheus import all_values
+from tests.prometheus_fixtures import all_values
+from tests.support import REPO
 
 DASHBOARD_DIR = OUT.parent
 PANEL_KEY = re.compile(r"^[a-zA-Z0-9_.-]{1,75}$")

@@ -17,13 +17,13 @@ from dashboards.generate import DASHBOARDS
 from dashboards.perses import all_queries, with_all_values
 from dashboards.render import tiles
 from ratelimit.tools.processes import free_ports
-from tests.conftest import REPO, wait_until
-from tests.prometheus_fixtures import LimitadorEmitter, observed, start_prometheus  # noqa: F401 - fixtures
+from tests.prometheus_fixtures import LimitadorEmitter
+from tests.support import REPO, wait_until
 
 MIN_PNG_BYTES = 5_000  # a blank 800x400 PNG is ~2 KB; any plotted panel is well above
 
 
-def test_every_panel_renders_to_png(observed, tmp_path: Path) -> None:  # noqa: F811 - a fixture
+def test_every_panel_renders_to_png(observed, tmp_path: Path) -> None:
     prometheus, _ = observed
     specs = {build().name: build().spec() for build in DASHBOARDS}
     wait_until(lambda: all(prometheus.query(with_all_values(q, spec["variables"]))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from ratelimit.limits import parse_limits
-from tests.conftest import EXAMPLES, REPO
+from tests.support import EXAMPLES, REPO
 
 DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"

@@ -14,8 +14,9 @@ import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from tests.conftest import ServiceProcess, wait_until
 from tests.envoy_fixtures import ENVOY, ENVOY_EXAMPLES, Envoy, Upstream, start_envoy
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 LIMITS = ENVOY_EXAMPLES / "limits.yaml"
 BOOTSTRAPS = sorted(path for path in ENVOY_EXAMPLES.glob("*.yaml") if path != LIMITS)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ratelimit.proto import generate, kuadrantrls_pb2_grpc
 from ratelimit.proto.kuadrantrls_pb2 import CommitRequest, ReserveRequest
-from tests.conftest import ServiceProcess
+from tests.service_fixtures import ServiceProcess
 
 OK, OVER_LIMIT, UNKNOWN = RateLimitResponse.OK, RateLimitResponse.OVER_LIMIT, RateLimitResponse.UNKNOWN
 Unit = RateLimitResponse.RateLimit

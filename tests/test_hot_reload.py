@@ -21,7 +21,8 @@ from ratelimit.limits import Limit, LimitsError
 from ratelimit.sources.limits_file import LimitsFileWatcher, load_limits_file_contents
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
-from tests.conftest import ServiceProcess, wait_until
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 NAMESPACE = "llm-d-demo/qwen3-8b-kserve-route"
 USER = [{"auth.identity.userid": "charlie"}]

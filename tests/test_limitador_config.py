@@ -17,8 +17,9 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
 from ratelimit.tools.otlp_receiver import OtlpReceiver
-from tests.conftest import EXAMPLES, ServiceProcess, wait_until
-from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.redis_fixtures import RedisServer
+from tests.service_fixtures import ServiceProcess
+from tests.support import EXAMPLES, wait_until
 
 StartService = Callable[..., ServiceProcess]
 
@@ -49,7 +50,7 @@ def test_limits_file_from_the_environment_with_no_arguments(start_service: Start
 
 
 def test_redis_url_makes_two_processes_share_counters(
-    start_service: StartService, redis_server: RedisServer, tmp_path: Path  # noqa: F811
+    start_service: StartService, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """`REDIS_URL=redis://... ratelimit LIMITS_FILE`: Redis storage, as Limitador's env fallback, so
     replicas share one budget (with memory storage each would grant the whole of it)."""
@@ -69,7 +70,7 @@ def test_redis_url_makes_two_processes_share_counters(
 
 
 def test_redis_url_with_local_cache_enabled_is_redis_cached(
-    start_service: StartService, redis_server: RedisServer, tmp_path: Path  # noqa: F811
+    start_service: StartService, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     namespace = f"cached-{uuid.uuid4().hex[:8]}"
     env = {"REDIS_URL": redis_server.url, "REDIS_LOCAL_CACHE_ENABLED": "1",

@@ -23,7 +23,8 @@ from ratelimit.sources.maas import (
 )
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
-from tests.conftest import EXAMPLES, REPO, ServiceProcess, wait_until
+from tests.service_fixtures import ServiceProcess
+from tests.support import EXAMPLES, REPO, wait_until
 
 SUB_NS = "models-as-a-service"
 GPU_ROUTE = "llm-d-demo/qwen3-8b-kserve-route"

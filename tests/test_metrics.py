@@ -22,8 +22,7 @@ from ratelimit.metrics import (
 )
 from ratelimit.server.app import ServiceConfig, build_service
 from ratelimit.sources.maas_naming import entries_from_documents
-from tests.conftest import EXAMPLES
-from tests.redis_fixtures import redis_server  # noqa: F401 - a fixture
+from tests.support import EXAMPLES
 
 LABELS = parse_custom_labels("user: descriptors[0]['user']\nmodel: descriptors[0].model\n")
 FREE = Limit("ns/gpt", 1000, 60, variables=("descriptors[0].user",), name="free-tokens")
@@ -154,7 +153,7 @@ def latency_samples(body: str) -> dict[str, float]:
             for line in body.splitlines() if line.startswith("datastore_latency")}
 
 
-def test_datastore_latency_histogram_on_a_real_redis(start_service, redis_server) -> None:  # noqa: F811
+def test_datastore_latency_histogram_on_a_real_redis(start_service, redis_server) -> None:
     """Every decision on Redis is one observation of Limitador's `datastore_latency`, rendered as a
     Prometheus histogram (buckets, `_count`, `_sum`, in seconds; no `_created`), lint-clean."""
     redis_server.client().flushall()

@@ -15,18 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.generate import DASHBOARDS, external_models, gpu_models, subscriptions
-from dashboards.perses import Dashboard, all_queries, with_all_values
+from dashboards.generate import external_models, gpu_models, subscriptions
+from dashboards.perses import Dashboard, all_queries
 from dashboards.render import PanelData, Series, table_rows
-from tests.conftest import wait_until
-from tests.prometheus_fixtures import (  # noqa: F401 - fixtures
-    EXTERNAL,
-    LimitadorEmitter,
-    PrometheusProcess,
-    catalog_exporter,
-    observed,
-    start_prometheus,
-)
+from tests.prometheus_fixtures import EXTERNAL, LimitadorEmitter, PrometheusProcess, all_values, catalog_exporter
+from tests.support import wait_until
 
 # The seed's "MaaS External Models" queries, verbatim but for its demo namespace's route names.
 SEED_QUERIES = {
@@ -36,11 +29,6 @@ SEED_QUERIES = {
     "limitadorUp": "limitador_up",
 }
 SCRAPE_LABELS = {"instance", "job"}
-
-
-def all_values(query: str) -> str:
-    """A dashboard query as Perses sends it with every variable at "All" (`.*`)."""
-    return with_all_values(query, [v for build in DASHBOARDS for v in build().variables])
 
 
 def _every_query_answers(prometheus: PrometheusProcess, queries: list[str]) -> list[str]:
@@ -69,7 +57,7 @@ def variable_values(prometheus: PrometheusProcess, dashboard: Dashboard, name: s
     return set(prometheus.label_values(plugin["labelName"], *plugin["matchers"]))
 
 
-def test_seed_and_dashboard_queries_answer_on_real_prometheus(observed) -> None:  # noqa: F811 - a fixture
+def test_seed_and_dashboard_queries_answer_on_real_prometheus(observed) -> None:
     prometheus, workload = observed
     dashboards = {build().name: build() for build in (external_models, gpu_models, subscriptions)}
     queries = [q for dashboard in dashboards.values() for q in all_queries(dashboard.spec())]
@@ -96,7 +84,7 @@ def test_seed_and_dashboard_queries_answer_on_real_prometheus(observed) -> None:
     assert not prometheus.query("ratelimit_quota_remaining < 0")
 
 
-def test_quota_table_is_readable(observed) -> None:  # noqa: F811 - a fixture
+def test_quota_table_is_readable(observed) -> None:
     """"Users closest to exhaustion": one row per counter, every column named, no scrape labels,
     no `user` repeating `counter`, the share used as a percentage."""
     prometheus, _ = observed
@@ -121,7 +109,7 @@ def test_quota_table_is_readable(observed) -> None:  # noqa: F811 - a fixture
 
 
 @pytest.mark.parametrize("suffix", ["", "_total"])
-def test_external_models_on_plain_limitador(start_prometheus, suffix: str) -> None:  # noqa: F811
+def test_external_models_on_plain_limitador(start_prometheus, suffix: str) -> None:
     """Only Limitador's series (no catalog, no quota gauges): every panel answers, and shows the
     routes the seed's naming convention calls external."""
     dashboard = external_models()
@@ -142,7 +130,7 @@ def test_external_models_on_plain_limitador(start_prometheus, suffix: str) -> No
         assert [round(float(r["value"][1]), 3) for r in ratio] == [0.167]
 
 
-def test_catalog_places_the_routes_it_lists(start_prometheus, tmp_path: Path) -> None:  # noqa: F811
+def test_catalog_places_the_routes_it_lists(start_prometheus, tmp_path: Path) -> None:
     """A plain Limitador next to the real `ratelimit-exporter` serving a catalog: `granite`, GPU-served
     behind a route without the -kserve-route suffix, leaves the external dashboard for the GPU one;
     `maas-gpt-4o`, which the catalog does not list, is still placed by the convention."""

@@ -25,16 +25,9 @@ import yaml
 
 from ratelimit.server.openai_usage import Estimator
 from ratelimit.tools.processes import free_ports
-from tests.conftest import ServiceProcess, wait_until
-from tests.envoy_fixtures import (
-    ADMIN,
-    LISTENER,
-    RATELIMIT,
-    UPSTREAM,
-    Envoy,
-    Upstream,
-    bootstrap,
-)
+from tests.envoy_fixtures import ADMIN, LISTENER, RATELIMIT, UPSTREAM, Envoy, Upstream, bootstrap
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 EXT_PROC, LUA = "ext-proc-tokens.yaml", "tokens-per-user.yaml"
 ROUTES = [EXT_PROC, LUA]

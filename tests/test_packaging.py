@@ -14,7 +14,7 @@ import pytest
 from exporter.main import build_parser as exporter_parser
 from ratelimit.cli import build_parsers
 from ratelimit.storage.numba_cache import ensure_cache_dir, fallback_dir
-from tests.conftest import EXAMPLES, REPO
+from tests.support import EXAMPLES, REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # A path no process can create, not even root's: a file cannot hold a directory.

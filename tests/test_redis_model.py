@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from ratelimit.storage.redis import RedisOptions, RedisStorage
-from tests.redis_fixtures import RedisCluster, RedisServer, redis_cluster, redis_server  # noqa: F401
+from tests.redis_fixtures import RedisCluster, RedisServer
 from tests.test_engine_model import EngineMatchesModel
 
 # Redis evicts keys on its own clock, while the machine's clock jumps ahead at will: keep keys for an
@@ -44,7 +44,7 @@ def machine_on(url: str, flush: Callable[[], None]) -> type[EngineMatchesModel]:
     return RedisMatchesModel
 
 
-def test_single_node_matches_model(redis_server: RedisServer) -> None:  # noqa: F811
+def test_single_node_matches_model(redis_server: RedisServer) -> None:
     def flush() -> None:
         with redis_server.client() as client:
             client.flushall()
@@ -55,7 +55,7 @@ def test_single_node_matches_model(redis_server: RedisServer) -> None:  # noqa: 
     )
 
 
-def test_cluster_matches_model(redis_cluster: RedisCluster) -> None:  # noqa: F811
+def test_cluster_matches_model(redis_cluster: RedisCluster) -> None:
     run_state_machine_as_test(
         machine_on(redis_cluster.url, redis_cluster.flush),
         settings=settings(max_examples=100, stateful_step_count=40, deadline=None),

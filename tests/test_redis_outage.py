@@ -30,8 +30,9 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ServiceProcess, wait_until
-from tests.redis_fixtures import RedisServer, _require_redis, fresh_redis  # noqa: F401  (fixture)
+from tests.redis_fixtures import RedisServer, require_redis
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 NS = "maas/model"
 CLIENTS = 16
@@ -144,7 +145,7 @@ def wait_for_answers(load: Load, since: float, count: int = 50) -> list[int]:
     ("redis_cached", "closed", {200}, grpc.StatusCode.OK),  # limits on its local copies: no Redis needed
 ])
 def test_redis_killed_under_load_then_restarted(
-    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
     load: Callable[[ServiceProcess], Load], storage: str, mode: str, while_down: set[int],
     grpc_while_down: grpc.StatusCode,
 ) -> None:
@@ -213,7 +214,7 @@ def hung(server: RedisServer) -> Iterator[None]:
 
 
 def test_redis_cached_keeps_deciding_through_a_hang_and_logs_it_once(
-    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
     load: Callable[..., Load],
 ) -> None:
     service = start_service(limits_path, "redis_cached", fresh_redis.url, "--on-storage-error", "closed",
@@ -241,7 +242,7 @@ def test_redis_cached_keeps_deciding_through_a_hang_and_logs_it_once(
 
 
 def test_redis_closed_is_unavailable_and_not_serving_through_a_hang(
-    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
     load: Callable[..., Load],
 ) -> None:
     service = start_service(limits_path, "redis", fresh_redis.url, "--on-storage-error", "closed")
@@ -282,7 +283,7 @@ def spend(service: ServiceProcess, user: str, times: int) -> list[int]:
 
 @pytest.mark.parametrize("storage", ["redis", "redis_cached"])
 def test_a_restart_without_persistence_is_logged_and_counted_as_counter_loss(
-    fresh_redis: RedisServer, tmp_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, tmp_path: Path, start_service: Callable[..., ServiceProcess],
     storage: str,
 ) -> None:
     options = ["--flush-period", "50"] if storage == "redis_cached" else []
@@ -302,7 +303,7 @@ def test_a_restart_without_persistence_is_logged_and_counted_as_counter_loss(
 def test_a_restart_with_persistence_keeps_counters_and_is_not_a_loss(
     tmp_path: Path, start_service: Callable[..., ServiceProcess],
 ) -> None:
-    _require_redis()
+    require_redis()
     server = RedisServer(None, "--appendonly", "yes", "--appendfsync", "always").start()
     try:
         service = start_service(limited_user_limits(tmp_path), "redis", server.url)
@@ -317,7 +318,7 @@ def test_a_restart_with_persistence_keeps_counters_and_is_not_a_loss(
 
 
 def test_sigterm_with_redis_down_exits_0_and_logs_the_hits_not_written_back(
-    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
 ) -> None:
     service = start_service(limits_path, "redis_cached", fresh_redis.url, "--flush-period", "600000")
     assert spend(service, "alice", 17) == [200] * 17  # read from Redis once, then charged locally only
@@ -338,7 +339,7 @@ class _NotWaitingForServing(ServiceProcess):
 
 
 def test_redis_down_at_start_up_is_logged_retried_and_not_ready(
-    fresh_redis: RedisServer, limits_path: Path,  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path,
 ) -> None:
     fresh_redis.kill()
     service = _NotWaitingForServing(limits_path, "redis", fresh_redis.url, "--on-storage-error", "closed")
@@ -360,7 +361,7 @@ def test_redis_down_at_start_up_is_logged_retried_and_not_ready(
 
 @pytest.mark.slow
 def test_counters_over_30k_redis_counters_answer_in_full(
-    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
 ) -> None:
     """The issue's case: 30k counters in a healthy Redis, /counters with the default decision timeout."""
     from ratelimit.engine import RateLimiter

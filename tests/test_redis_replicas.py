@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServiceProcess
-from tests.redis_fixtures import RedisServer, redis_server  # noqa: F401  (fixture)
+from tests.redis_fixtures import RedisServer
+from tests.service_fixtures import ServiceProcess
 
 CLIENTS = 64
 # One namespace per scenario, so the replicas are started once for the module.
@@ -36,7 +36,7 @@ def limits_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replicas(redis_server: RedisServer, limits_path: Path) -> Iterator[list[ServiceProcess]]:  # noqa: F811
+def replicas(redis_server: RedisServer, limits_path: Path) -> Iterator[list[ServiceProcess]]:
     """Two services on one (emptied) Redis."""
     with redis_server.client() as client:
         client.flushall()
@@ -109,7 +109,7 @@ def test_two_replicas_share_reservations(replicas: list[ServiceProcess]) -> None
 
 
 def test_a_restarted_replica_still_sees_the_exhausted_counter(
-    redis_server: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],  # noqa: F811
+    redis_server: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
 ) -> None:
     replica = start_service(limits_path, "redis", redis_server.url)
     for _ in range(5):

@@ -26,13 +26,7 @@ from ratelimit.storage.failure import FailureMode
 from ratelimit.storage.redis import RedisOptions, RedisStorage
 from ratelimit.storage.redis_cached import CachedRedisStorage
 from ratelimit.storage.redis_client import key_slot, parse_url
-from tests.redis_fixtures import (  # noqa: F401  (fixtures)
-    RedisCluster,
-    RedisServer,
-    fresh_redis,
-    redis_cluster,
-    redis_server,
-)
+from tests.redis_fixtures import RedisCluster, RedisServer
 
 NS = "maas/model"
 USER = "descriptors[0]['user']"
@@ -83,7 +77,7 @@ def commands_called(*servers: RedisServer) -> set[str]:
 
 
 @pytest.fixture
-def single(redis_server: RedisServer) -> RedisServer:  # noqa: F811
+def single(redis_server: RedisServer) -> RedisServer:
     """The module's Redis node, emptied and with fresh command statistics."""
     with redis_server.client() as client:
         client.flushall()
@@ -92,7 +86,7 @@ def single(redis_server: RedisServer) -> RedisServer:  # noqa: F811
 
 
 @pytest.fixture
-def cluster(redis_cluster: RedisCluster) -> RedisCluster:  # noqa: F811
+def cluster(redis_cluster: RedisCluster) -> RedisCluster:
     redis_cluster.flush()
     for node in redis_cluster.nodes:
         with node.client() as client:
@@ -306,7 +300,7 @@ def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: R
     assert not {"scan", "keys"} & commands_called(single)
 
 
-def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> None:  # noqa: F811
+def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> None:
     async def scenario() -> None:
         storage = RedisStorage(RedisOptions(fresh_redis.url, listing_timeout=0.3))
         async with limiter(storage, DAY) as engine:
@@ -398,7 +392,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
          "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True,
     )
-    from tests.conftest import free_ports
+    from ratelimit.tools.processes import free_ports
 
     tls_port = free_ports(1)[0]
     server = RedisServer(None, "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
@@ -444,7 +438,7 @@ def test_url_forms() -> None:
 # -- failures -------------------------------------------------------------------------------------
 
 
-def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fresh_redis: RedisServer) -> None:  # noqa: F811
+def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fresh_redis: RedisServer) -> None:
     async def scenario() -> None:
         async with limiter(RedisStorage(RedisOptions(fresh_redis.url, timeout=0.2)), DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
@@ -464,7 +458,7 @@ def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fre
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) -> None:  # noqa: F811
+def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) -> None:
     async def scenario() -> None:
         storage = FailureMode(RedisStorage(RedisOptions(fresh_redis.url)), mode)  # type: ignore[arg-type]
         engine = RateLimiter(storage, [DAY])
@@ -529,7 +523,7 @@ def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> No
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
 
-def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: RedisServer) -> None:  # noqa: F811
+def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: RedisServer) -> None:
     async def scenario() -> None:
         storage = CachedRedisStorage(RedisOptions(fresh_redis.url, timeout=0.2), flush_period=0.05)
         async with limiter(storage, DAY) as engine:

@@ -19,7 +19,8 @@ from ratelimit.cli import Serve, parse_command
 from ratelimit.server.app import build_service
 from ratelimit.server.state import ServiceOptions
 from ratelimit.storage.memory import MemoryStorage
-from tests.conftest import EXAMPLES, REPO, ServiceProcess
+from tests.service_fixtures import ServiceProcess
+from tests.support import EXAMPLES, REPO
 
 TIERS_NAMESPACE = "llm-d-demo/qwen3-8b-kserve-route"
 

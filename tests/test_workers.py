@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServiceProcess, wait_until
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 LIMITS = """
 - {namespace: w, name: per-user, max_value: 1000, seconds: 600, variables: ["descriptors[0]['user']"]}

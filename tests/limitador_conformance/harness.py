@@ -20,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ServiceProcess, wait_until
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 GET = {"req_method": "GET", "app_id": "test_app_id"}
 """The descriptor most of Limitador's library tests send."""

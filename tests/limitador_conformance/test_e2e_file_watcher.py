@@ -25,8 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, ServiceProcess, wait_until
 from tests.limitador_conformance.harness import STARTUP_TIMEOUT, Api
+from tests.service_fixtures import ServiceProcess
+from tests.support import REPO, wait_until
 
 CONFIGMAP = """---
 - namespace: test

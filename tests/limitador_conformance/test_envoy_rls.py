@@ -13,8 +13,8 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from tests.conftest import ServiceProcess
 from tests.limitador_conformance.harness import Api, limit, serving
+from tests.service_fixtures import ServiceProcess
 
 OK, OVER_LIMIT, UNKNOWN = RateLimitResponse.OK, RateLimitResponse.OVER_LIMIT, RateLimitResponse.UNKNOWN
 

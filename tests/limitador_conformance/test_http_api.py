@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServiceProcess
 from tests.limitador_conformance.harness import Api, limit, serving
+from tests.service_fixtures import ServiceProcess
 
 REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"
 REQ_APP_ID = "descriptors[0]['app.id']"

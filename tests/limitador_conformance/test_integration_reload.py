@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServiceProcess
 from tests.limitador_conformance.harness import Api, ReloadableLimits, limit, serving
+from tests.service_fixtures import ServiceProcess
 
 APP_1 = {"req_method": "GET", "app_id": "1"}
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ServiceProcess, wait_until
 from tests.limitador_conformance.harness import APP_ID, GET, Api, limit, serving, start_on, storage_of
+from tests.service_fixtures import ServiceProcess
+from tests.support import wait_until
 
 POST = {**GET, "req_method": "POST"}
 METHOD_IS_POST = "descriptors[0]['req_method'] == 'POST'"

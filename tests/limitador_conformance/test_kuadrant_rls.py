@@ -14,8 +14,8 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
 from ratelimit.proto import kuadrantrls_pb2_grpc
-from tests.conftest import ServiceProcess
 from tests.limitador_conformance.harness import Api, limit, serving
+from tests.service_fixtures import ServiceProcess
 
 OK, OVER_LIMIT, UNKNOWN = RateLimitResponse.OK, RateLimitResponse.OVER_LIMIT, RateLimitResponse.UNKNOWN
 REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"

@@ -22,8 +22,9 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from tests.conftest import REPO, ServiceProcess
 from tests.limitador_conformance.harness import Api, limit, serving
+from tests.service_fixtures import ServiceProcess
+from tests.support import REPO
 
 X_IS_5 = 'descriptors[0].x == "5"'
 Y_IS_2 = 'descriptors[0].y == "2"'

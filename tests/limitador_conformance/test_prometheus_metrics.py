@@ -16,8 +16,8 @@ from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ServiceProcess
 from tests.limitador_conformance.harness import Api, limit, serving
+from tests.service_fixtures import ServiceProcess
 
 WHICH = "descriptors[0]['which']"
 

@@ -19,7 +19,7 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
-from tests.conftest import free_ports
+from ratelimit.tools.processes import free_ports
 from tests.envoy_fixtures import HOST, Envoy, Upstream
 from tests.limitador_conformance.harness import STARTUP_TIMEOUT
 from tests.limitador_conformance.test_e2e_file_watcher import SANDBOX_LIMITS, LimitadorProcess
