@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar, cast
 
 from ratelimit.counters import Commit, Decision, Reservation, StorageError
@@ -42,33 +42,24 @@ class FailureMode(StorageWrapper):
     async def around(self, decision: Awaitable[T]) -> T:
         # check_and_update, is_within_limits and update_counters answer a Decision; the
         # decisions with other answers are overridden below.
-        return cast(T, await self._decide(cast(Awaitable[Decision], decision)))
+        return await self._answer(decision, lambda: cast(T, Decision()))
 
     async def reserve(self, counters: CounterSet, amount: int, ttl_seconds: float) -> Reservation:
         # Admitted open, the reservation holds nothing; its commit will find it not held.
-        try:
-            answer = await self.storage.reserve(counters, amount, ttl_seconds)
-        except StorageError as exc:
-            self._failed(exc)
-            return Reservation(None, [], uuid.uuid4().hex)
-        self._recovered()
-        return answer
+        return await self._answer(
+            self.storage.reserve(counters, amount, ttl_seconds), lambda: Reservation(None, [], uuid.uuid4().hex)
+        )
 
     async def commit(self, reservation_id: str, counters: CounterSet, actual: int) -> Commit:
-        try:
-            answer = await self.storage.commit(reservation_id, counters, actual)
-        except StorageError as exc:
-            self._failed(exc)
-            return Commit(False)
-        self._recovered()
-        return answer
+        return await self._answer(self.storage.commit(reservation_id, counters, actual), lambda: Commit(False))
 
-    async def _decide(self, decision: Awaitable[Decision]) -> Decision:
+    async def _answer(self, call: Awaitable[T], admitted: Callable[[], T]) -> T:
+        """The storage's answer; when it fails, `admitted()` (open) or the error (closed)."""
         try:
-            answer = await decision
+            answer = await call
         except StorageError as exc:
             self._failed(exc)
-            return Decision()
+            return admitted()
         self._recovered()
         return answer
 

@@ -458,6 +458,21 @@ def _sweep(words: np.ndarray, budget: int, now: int) -> int:
 # -- reservations ----------------------------------------------------------------------------------
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _heap_move(words: np.ndarray, heap: int, to: int, source: int) -> None:
+    """Entry `source` of the heap (at word `heap`) moves to place `to`."""
+    for j in range(HEAP_WIDTH):
+        words[heap + to * HEAP_WIDTH + j] = words[heap + source * HEAP_WIDTH + j]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _heap_set(words: np.ndarray, heap: int, i: int, expires: int, slot: int, tag: int) -> None:
+    at = heap + i * HEAP_WIDTH
+    words[at + HEAP_EXPIRES] = expires
+    words[at + HEAP_SLOT] = slot
+    words[at + HEAP_TAG] = tag
+
+
 @njit(cache=True, nogil=True)
 def _heap_push(words: np.ndarray, expires: int, slot: int, tag: int) -> None:
     heap = words[H_OFF_HEAP]
@@ -465,17 +480,11 @@ def _heap_push(words: np.ndarray, expires: int, slot: int, tag: int) -> None:
     words[H_HEAP_COUNT] += 1
     while i > 0:
         parent = (i - 1) // 2
-        parent_at = heap + parent * HEAP_WIDTH
-        if words[parent_at + HEAP_EXPIRES] <= expires:
+        if words[heap + parent * HEAP_WIDTH + HEAP_EXPIRES] <= expires:
             break
-        at = heap + i * HEAP_WIDTH
-        for j in range(HEAP_WIDTH):
-            words[at + j] = words[parent_at + j]
+        _heap_move(words, heap, i, parent)
         i = parent
-    at = heap + i * HEAP_WIDTH
-    words[at + HEAP_EXPIRES] = expires
-    words[at + HEAP_SLOT] = slot
-    words[at + HEAP_TAG] = tag
+    _heap_set(words, heap, i, expires, slot, tag)
 
 
 @njit(cache=True, nogil=True)
@@ -484,24 +493,22 @@ def _heap_pop(words: np.ndarray) -> None:
     count = words[H_HEAP_COUNT] - 1
     words[H_HEAP_COUNT] = count
     last_at = heap + count * HEAP_WIDTH
-    last_expires, last_slot, last_tag = words[last_at], words[last_at + 1], words[last_at + 2]
+    last_expires = words[last_at + HEAP_EXPIRES]
+    last_slot, last_tag = words[last_at + HEAP_SLOT], words[last_at + HEAP_TAG]
     i = 0
     while True:
         child = 2 * i + 1
         if child >= count:
             break
-        if child + 1 < count and words[heap + (child + 1) * HEAP_WIDTH] < words[heap + child * HEAP_WIDTH]:
+        if (child + 1 < count and words[heap + (child + 1) * HEAP_WIDTH + HEAP_EXPIRES]
+                < words[heap + child * HEAP_WIDTH + HEAP_EXPIRES]):
             child += 1
-        child_at = heap + child * HEAP_WIDTH
-        if words[child_at] >= last_expires:
+        if words[heap + child * HEAP_WIDTH + HEAP_EXPIRES] >= last_expires:
             break
-        at = heap + i * HEAP_WIDTH
-        for j in range(HEAP_WIDTH):
-            words[at + j] = words[child_at + j]
+        _heap_move(words, heap, i, child)
         i = child
     if count > 0:
-        at = heap + i * HEAP_WIDTH
-        words[at], words[at + 1], words[at + 2] = last_expires, last_slot, last_tag
+        _heap_set(words, heap, i, last_expires, last_slot, last_tag)
 
 
 @njit(cache=True, nogil=True)

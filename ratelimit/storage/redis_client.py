@@ -49,6 +49,12 @@ class ReplyError(RedisError):
     def kind(self) -> str:
         return str(self).split(" ", 1)[0]
 
+    @property
+    def redirects(self) -> bool:
+        """A cluster node's answer that another node serves the slot (MOVED), or this one command
+        while the slot migrates (ASK)."""
+        return self.kind in ("MOVED", "ASK")
+
 
 class ConnectionLost(RedisError):
     """The connection closed or was aborted before the reply arrived."""
@@ -423,7 +429,7 @@ class ClusterClient(Client):
         try:
             return await reply
         except ReplyError as exc:
-            if exc.kind not in ("MOVED", "ASK"):
+            if not exc.redirects:
                 raise
             return await self._redirected(slot, command, exc)
         except ConnectionLost:
@@ -447,7 +453,7 @@ class ClusterClient(Client):
             try:
                 return await reply
             except ReplyError as exc:
-                if exc.kind not in ("MOVED", "ASK"):
+                if not exc.redirects:
                     raise
                 error = exc
         raise RedisError(f"Redis Cluster kept redirecting slot {slot}: {error}")
