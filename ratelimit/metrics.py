@@ -15,10 +15,20 @@ growing without bound, and a value longer than `MAX_LABEL_VALUE_LENGTH` is shown
 
 `datastore_latency` (a histogram, seconds) is timed by `TimedStorage`, a decorator around the
 engine's storage built here rather than in `ratelimit.storage`, so the core never imports metrics.
+
+Across worker processes (`serve --workers N`, `Metrics(multiprocess_dir=...)`), every per-process
+value is also written to prometheus_client's multiprocess files (`PROMETHEUS_MULTIPROC_DIR`, set by
+the supervisor before the workers start), and a scrape, whichever worker takes it, reads them all
+with the library's `MultiProcessCollector`: counters and histograms are summed over every process
+that ever wrote them (a dead worker's file stays, so its counts are neither lost nor, under a new
+pid, counted twice), gauges are merged per their multiprocess mode. Families that are the same in
+every worker because they read the shared table (the quota gauges) or files (the model catalog) are
+not written there: the answering worker reports them once.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -28,9 +38,10 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from ratelimit.cel import CelError, Expression, MapExpression, compile_expression, compile_map_expression
@@ -110,16 +121,36 @@ LabelSet = tuple[tuple[str, str], ...]
 
 @dataclass
 class _CounterFamily:
-    """One counter family: label set -> count. Callers hold `Metrics._lock`."""
+    """One counter family: label set -> count. Callers hold `Metrics._lock`.
+
+    With `shared`, each count is also written through a prometheus_client Counter child to this
+    process's multiprocess file (one Counter per set of label names: the names vary from call to
+    call, and the multiprocess files key each series by its own labels anyway)."""
 
     name: str
     documentation: str
+    shared: bool = False
     values: dict[LabelSet, int] = field(default_factory=dict)
+    _children: dict[LabelSet, Counter] = field(default_factory=dict)
+    _parents: dict[tuple[str, ...], Counter] = field(default_factory=dict)
 
     def inc(self, labels: LabelSet, amount: int) -> None:
         if labels not in self.values and len(self.values) >= MAX_SERIES:
             labels = tuple((name, OVERFLOW_LABEL) for name, _ in labels)
         self.values[labels] = self.values.get(labels, 0) + amount
+        if self.shared:
+            child = self._children.get(labels)
+            if child is None:
+                child = self._children[labels] = self._child(labels)
+            child.inc(amount)
+
+    def _child(self, labels: LabelSet) -> Counter:
+        present = [(name, value) for name, value in labels if value != ""]
+        names = tuple(name for name, _ in present)
+        parent = self._parents.get(names)
+        if parent is None:
+            parent = self._parents[names] = Counter(self.name, self.documentation, names, registry=None)
+        return parent.labels(*(value for _, value in present)) if names else parent
 
     def snapshot(self, values: Mapping[LabelSet, int]) -> Metric:
         """The family as a Metric, from a copy of `values` (formatting runs outside the lock)."""
@@ -129,6 +160,17 @@ class _CounterFamily:
             # drops a custom label whose CEL does not resolve.
             metric.add_sample(self.name, {name: value for name, value in labels if value != ""}, value)
         return metric
+
+
+def _check_multiprocess_mode(directory: str) -> None:
+    """prometheus_client picks its value class once, when imported: the environment must have named
+    the directory before that, or every value would stay in this process."""
+    if not getattr(values.ValueClass, "_multiprocess", False) or os.environ.get("PROMETHEUS_MULTIPROC_DIR") != directory:
+        raise RuntimeError(
+            f"metrics across processes need PROMETHEUS_MULTIPROC_DIR={directory} in the environment before "
+            "prometheus_client is imported (the worker supervisor sets it)")
+    if not os.path.isdir(directory):
+        raise RuntimeError(f"metrics directory {directory} does not exist")
 
 
 class Metrics:
@@ -141,7 +183,13 @@ class Metrics:
         total_suffix: bool = False,
         limits_of: LimitsOf | None = None,
         default_labels: MapExpression | None = None,
+        multiprocess_dir: str | None = None,
     ) -> None:
+        if multiprocess_dir is not None:
+            _check_multiprocess_mode(multiprocess_dir)
+        self.multiprocess_dir = multiprocess_dir
+        """Where every worker writes its values (prometheus_client's multiprocess mode); None: one process."""
+        shared = multiprocess_dir is not None
         self.limit_name_in_labels = limit_name_in_labels
         self.custom_labels: dict[str, Expression] = {}
         self.default_labels = default_labels
@@ -149,17 +197,20 @@ class Metrics:
         self.total_suffix = total_suffix
         self._limits_of = limits_of
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._publishers: list[Callable[[], None]] = []
         self._label_listeners: list[Callable[[Mapping[str, Expression]], None]] = []
         self._lock = threading.Lock()
         self.set_custom_labels(custom_labels or {})
-        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls")
-        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits")
-        self._limited_calls = _CounterFamily("limited_calls", "Limited calls")
+        self._authorized_calls = _CounterFamily("authorized_calls", "Authorized calls", shared)
+        self._authorized_hits = _CounterFamily("authorized_hits", "Authorized hits", shared)
+        self._limited_calls = _CounterFamily("limited_calls", "Limited calls", shared)
         self._families = (self._authorized_calls, self._authorized_hits, self._limited_calls)
         self.registry = CollectorRegistry(auto_describe=True)
         """Other parts of the service may register their own collectors here."""
         self.registry.register(self)
-        Gauge("limitador_up", "Limitador is running", registry=self.registry).set(1)
+        # Across workers, the highest value of the live workers: 1 as in one process (a sum would
+        # say N), and a dead worker's file is dropped (mark_process_dead) rather than kept.
+        Gauge("limitador_up", "Limitador is running", registry=self.registry, multiprocess_mode="livemax").set(1)
 
     def set_custom_labels(self, labels: Mapping[str, Expression]) -> None:
         """Replace the `-L` labels (a reload). Series counted so far keep their labels: a counter's
@@ -180,6 +231,15 @@ class Metrics:
     async def refresh(self) -> None:
         for refresh in self._refreshers:
             await refresh()
+
+    def add_publisher(self, publish: Callable[[], None]) -> None:
+        """A step that writes values a collector holds only in this process to the multiprocess
+        files (`StorageHealth.publish`); run by `publish`, before each scrape and periodically."""
+        self._publishers.append(publish)
+
+    def publish(self) -> None:
+        for publish in self._publishers:
+            publish()
 
     # -- recording -------------------------------------------------------------------------------
 
@@ -247,10 +307,25 @@ class Metrics:
             copies = [dict(family.values) for family in self._families]
         return [family.snapshot(values) for family, values in zip(self._families, copies)]
 
+    def families(self) -> list[Metric]:
+        """Every family to expose. Across workers, a family found in the multiprocess files (the
+        sum over every worker) replaces this process's own family of that name."""
+        own = list(self.registry.collect())
+        if self.multiprocess_dir is None:
+            return own
+        self.publish()
+        merged = {metric.name: metric for metric in MultiProcessCollector(None, self.multiprocess_dir).collect()}
+        families = []
+        for metric in own:
+            shared = merged.pop(metric.name, None)
+            families.append(metric if shared is None else _bare_counter_samples(shared))
+        families.extend(_bare_counter_samples(metric) for metric in merged.values())
+        return families
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text format (0.0.4) and its content type."""
         parts = []
-        for metric in self.registry.collect():
+        for metric in self.families():
             if metric.type in ("counter", "gauge"):
                 parts.append("".join(_render_simple(metric, self.total_suffix)).encode("utf-8"))
             else:
@@ -258,6 +333,20 @@ class Metrics:
                 metric.samples = [s for s in metric.samples if s.name != metric.name + "_created"]
                 parts.append(generate_latest(_Single(metric)))
         return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
+
+
+_BARE_COUNTERS = frozenset({
+    "authorized_calls", "authorized_hits", "limited_calls",
+    "datastore_errors", "datastore_counters_lost", "datastore_listing_failures", "datastore_unwritten_hits",
+})
+"""Counters this module renders under their bare names (Limitador's), whose multiprocess samples
+prometheus_client names `<name>_total`."""
+
+
+def _bare_counter_samples(metric: Metric) -> Metric:
+    if metric.type == "counter" and metric.name in _BARE_COUNTERS:
+        metric.samples = [sample._replace(name=metric.name) for sample in metric.samples]
+    return metric
 
 
 def _bounded(value: str) -> str:
@@ -339,25 +428,59 @@ class StorageHealth:
     - `datastore_counters_lost`: Redis restarts that came back without the counters (no persistence);
     - `datastore_listing_failures`: counter listings (/counters pages, quota scrapes) that failed;
     - `datastore_unwritten_hits`: hits redis_cached could not write back (full while partitioned, or shutdown).
-    A storage without a backend (memory) shows 0 everywhere."""
+    A storage without a backend (memory) shows 0 everywhere.
 
-    def __init__(self, storage: Storage) -> None:
+    With `shared` (workers), `publish` writes this process's values to the multiprocess files, so
+    a scrape sums the counters over the workers (each has its own Redis connections) and shows
+    `datastore_partitioned` 1 while any live worker cannot reach Redis (mode `livemax`: the worst
+    worker, and a dead worker's value is dropped, not kept)."""
+
+    _COUNTERS = (
+        ("datastore_errors", "Decisions the counter storage could not answer"),
+        ("datastore_counters_lost", "Redis restarts that lost every counter (no persistence)"),
+        ("datastore_listing_failures", "Counter listings (/counters, quota) that failed"),
+        ("datastore_unwritten_hits", "Hits the write-behind cache could not write back to Redis"),
+    )
+
+    def __init__(self, storage: Storage, shared: bool = False) -> None:
         self.storage = storage
+        self._shared: tuple[Gauge, dict[str, Counter]] | None = None
+        self._published: dict[str, int] = {}
+        if shared:
+            partitioned = Gauge("datastore_partitioned", "1 while the counter storage cannot reach Redis",
+                                registry=None, multiprocess_mode="livemax")
+            self._shared = partitioned, {name: Counter(name, help_text, registry=None) for name, help_text in self._COUNTERS}
+            self.publish()
+
+    def _values(self) -> tuple[int, dict[str, int]]:
+        status = self.storage.status
+        return 0 if status.reachable else 1, {
+            "datastore_errors": status.decision_errors,
+            "datastore_counters_lost": status.counters_lost,
+            "datastore_listing_failures": status.listing_failures,
+            "datastore_unwritten_hits": status.unwritten_hits,
+        }
+
+    def publish(self) -> None:
+        """Write the values to this process's multiprocess files (a counter by what it grew since)."""
+        if self._shared is None:
+            return
+        partitioned, counters = self._shared
+        gauge, values = self._values()
+        partitioned.set(gauge)
+        for name, value in values.items():
+            grown = value - self._published.get(name, 0)
+            if grown > 0:
+                counters[name].inc(grown)
+                self._published[name] = value
 
     def collect(self) -> list[Metric]:
-        status = self.storage.status
+        gauge, values = self._values()
         partitioned = Metric("datastore_partitioned", "1 while the counter storage cannot reach Redis", "gauge")
-        partitioned.add_sample("datastore_partitioned", {}, 0 if status.reachable else 1)
+        partitioned.add_sample("datastore_partitioned", {}, gauge)
         families = [partitioned]
-        for name, help_text, value in (
-            ("datastore_errors", "Decisions the counter storage could not answer", status.decision_errors),
-            ("datastore_counters_lost", "Redis restarts that lost every counter (no persistence)",
-             status.counters_lost),
-            ("datastore_listing_failures", "Counter listings (/counters, quota) that failed", status.listing_failures),
-            ("datastore_unwritten_hits", "Hits the write-behind cache could not write back to Redis",
-             status.unwritten_hits),
-        ):
+        for name, help_text in self._COUNTERS:
             family = Metric(name, help_text, "counter")
-            family.add_sample(name, {}, value)
+            family.add_sample(name, {}, values[name])
             families.append(family)
         return families

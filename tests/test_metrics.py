@@ -185,3 +185,9 @@ def test_memory_storage_has_no_datastore_latency() -> None:
     service, _ = build_service(ServiceConfig(limits_file=str(EXAMPLES / "observability" / "limits.yaml")))
     assert not isinstance(service.engine.storage, TimedStorage)
     assert b"datastore_latency" not in service.metrics.render()[0]
+
+
+def test_metrics_across_processes_need_the_multiprocess_environment(tmp_path) -> None:
+    """Without PROMETHEUS_MULTIPROC_DIR at import, every value would stay in this process: refused."""
+    with pytest.raises(RuntimeError, match="PROMETHEUS_MULTIPROC_DIR="):
+        Metrics(multiprocess_dir=str(tmp_path))

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.prometheus_fixtures import PrometheusProcess
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
@@ -105,3 +106,66 @@ def test_a_dead_worker_is_restarted(workers: ServiceProcess) -> None:
     assert workers.process is not None
     workers.process.send_signal(signal.SIGTERM)  # drains every worker, then the supervisor exits
     assert workers.process.wait(timeout=120) == 0
+
+
+def _calls_on(client: httpx.Client, user: str, calls: int) -> None:
+    body = {"namespace": "w", "values": {"user": user}, "delta": 2}
+    for _ in range(calls):
+        assert client.post("/check_and_report", json=body).status_code == 200
+
+
+def _scraped_total(prometheus: PrometheusProcess, query: str) -> float | None:
+    result = prometheus.query(query)
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_metrics_are_the_sum_over_workers_in_one_scrape(
+    workers: ServiceProcess, start_prometheus: Callable[..., PrometheusProcess],
+) -> None:
+    """A real Prometheus scrapes one port (its keep-alive connection stays with one worker), while
+    calls reach both workers: every scrape shows the sum, before and after a worker is killed."""
+    prometheus = start_prometheus({"ratelimit": [f"{workers.host}:{workers.http_port}"]})
+    clients = clients_on_each_worker(workers)
+    for number, client in enumerate(clients.values()):
+        _calls_on(client, f"user-{number}", 30 + 10 * number)  # 30 on one worker, 40 on the other
+    for client in clients.values():  # whichever worker answers, it answers for both
+        text = client.get("/metrics").text
+        assert 'authorized_calls{limitador_namespace="w"} 70\n' in text, text
+        assert 'authorized_hits{limitador_namespace="w"} 140\n' in text
+        assert "\nlimitador_up 1\n" in text  # the highest of the live workers, not their sum
+
+    calls = 'authorized_calls{job="ratelimit"}'
+    wait_until(lambda: _scraped_total(prometheus, calls) == 70, timeout=60, what="Prometheus scraping 70 calls")
+    # Repeated scrapes agree: every sample of the last seconds, whichever worker served it, is 70.
+    wait_until(lambda: (_scraped_total(prometheus, f"count_over_time({calls}[30s])") or 0) >= 3, timeout=60,
+               what="three scrapes")
+    assert _scraped_total(prometheus, f"min_over_time({calls}[30s])") == 70
+    assert _scraped_total(prometheus, f"max_over_time({calls}[30s])") == 70
+    assert _scraped_total(prometheus, 'limitador_up{job="ratelimit"}') == 1
+
+    # A killed worker's counts stay (its file is kept and summed); its replacement, with a new pid,
+    # starts from 0, so nothing is counted twice.
+    killed = next(iter(clients))
+    os.kill(int(killed), signal.SIGKILL)
+    for client in clients.values():
+        client.close()
+    wait_until(lambda: "restarting it (1 restarts so far)" in workers.output(), timeout=60, what="the restart")
+    wait_until(lambda: (pids := answering_workers(workers)) and killed not in pids, timeout=120, interval=0.5,
+               what="two live workers again")
+    for number, client in enumerate(clients_on_each_worker(workers).values()):
+        _calls_on(client, f"user-{number}", 5)
+        client.close()
+    wait_until(lambda: _scraped_total(prometheus, calls) == 80, timeout=60, what="Prometheus scraping 80 calls")
+    assert _scraped_total(prometheus, 'limitador_up{job="ratelimit"}') == 1
+    assert _scraped_total(prometheus, 'resets(authorized_calls{job="ratelimit"}[5m])') == 0
+
+
+def answering_workers(service: ServiceProcess) -> set[str]:
+    """The pids of the workers answering now (empty while a worker is still starting)."""
+    try:
+        found = clients_on_each_worker(service)
+    except (AssertionError, httpx.TransportError):
+        return set()
+    for client in found.values():
+        client.close()
+    return set(found)

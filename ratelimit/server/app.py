@@ -132,6 +132,9 @@ class ServiceConfig:
     """Bind with SO_REUSEPORT (set for each worker by the supervisor)."""
     shared_table: str | None = None
     """The memory storage's shared table to attach to (set for each worker by the supervisor)."""
+    metrics_dir: str | None = None
+    """prometheus_client's multiprocess directory every worker writes its metric values to, so a
+    scrape of any worker sums them all (set by the supervisor, with PROMETHEUS_MULTIPROC_DIR)."""
 
 
 class ManagedServer(Protocol):
@@ -214,7 +217,9 @@ def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
         openai_errors=config.openai_errors,
     )
     metrics = build_metrics(config, engine)
-    metrics.registry.register(StorageHealth(engine.storage))
+    health = StorageHealth(engine.storage, shared=config.metrics_dir is not None)
+    metrics.registry.register(health)
+    metrics.add_publisher(health.publish)
     if isinstance(engine.storage, TimedStorage):
         metrics.registry.register(engine.storage.latency)
     return Service(engine=engine, metrics=metrics, status=status, options=options), watcher
@@ -286,6 +291,7 @@ def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
         limit_name_in_labels=config.limit_name_in_labels, custom_labels=custom_labels,
         default_labels=default_labels, total_suffix=config.metrics_total_suffix,
         limits_of=lambda namespace, descriptors: [c.limit for c in engine.counters_for(namespace, descriptors).counters],
+        multiprocess_dir=config.metrics_dir,
     )
     if config.quota_metrics:
         metrics_extension("quota_metrics", "--quota-metrics")(metrics, engine, config)
@@ -362,11 +368,28 @@ async def run_service(config: ServiceConfig) -> None:
         async with contextlib.AsyncExitStack() as running:
             for watcher in watchers:
                 await running.enter_async_context(watcher)
+            if config.metrics_dir is not None:
+                publishing = asyncio.create_task(_publish_metrics(service.metrics), name="metrics publisher")
+                running.callback(publishing.cancel)
             await serve_until_signalled(servers)
     finally:
         await service.engine.storage.close()
         if tracing is not None:
             await asyncio.to_thread(tracing.shutdown)
+
+
+METRICS_PUBLISH_INTERVAL = 1.0
+"""Seconds between writes of a worker's pull-only values (storage health) to the multiprocess files:
+how stale another worker's `datastore_*` values can be in a scrape. Call counts are written at once."""
+
+
+async def _publish_metrics(metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(METRICS_PUBLISH_INTERVAL)
+        try:
+            metrics.publish()
+        except Exception:  # a full disk must not stop the service; the next round tries again
+            logger.exception("could not write this worker's metrics to %s", metrics.multiprocess_dir)
 
 
 async def serve_until_signalled(servers: Sequence[ManagedServer]) -> None:

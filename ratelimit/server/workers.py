@@ -13,8 +13,10 @@ Every worker watches the limits file itself and applies the same content within 
 A worker that dies is logged and restarted (the count of restarts is in the log line); SIGTERM or
 SIGINT to the supervisor is passed to every worker, which drains as a single service does.
 
-Not shared: each worker's Prometheus counters (`/metrics` answers for the worker that took the
-scrape's connection; see the README).
+Metrics: the supervisor gives the workers one prometheus_client multiprocess directory
+(`PROMETHEUS_MULTIPROC_DIR`, a fresh temporary one, removed at exit); each worker writes its
+values there and a scrape of any worker reports the sum (ratelimit.metrics). When a worker dies,
+the supervisor marks it dead there (its live gauges go; its counters stay, so none are lost).
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from ratelimit.server.app import GRACEFUL_SHUTDOWN_SECONDS, ServerError, ServiceConfig
 from ratelimit.storage.memory import DEFAULT_CAPACITY
@@ -35,6 +41,7 @@ from ratelimit.storage.table import CounterTable
 
 logger = logging.getLogger(__name__)
 
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _RESTART_PAUSE = 0.5  # seconds between restarts of one worker slot, so a crash loop does not spin
 
 
@@ -87,7 +94,12 @@ def run_workers(config: ServiceConfig, workers: int) -> int:
     table = None
     if config.storage == "memory":
         table = CounterTable.create(config.cache_size or DEFAULT_CAPACITY, shared=True)
-    worker_config = replace(config, workers=1, reuse_port=True, shared_table=table.name if table else None)
+    metrics_dir = tempfile.mkdtemp(prefix="ratelimit-metrics-")
+    # Read by prometheus_client when a worker imports it: spawned workers inherit the environment.
+    previous_dir = os.environ.get(_MULTIPROC_ENV)
+    os.environ[_MULTIPROC_ENV] = metrics_dir
+    worker_config = replace(config, workers=1, reuse_port=True, shared_table=table.name if table else None,
+                            metrics_dir=metrics_dir)
     context = multiprocessing.get_context("spawn")
     processes: list[BaseProcess | None] = [None] * workers
     restarts = 0
@@ -118,6 +130,8 @@ def run_workers(config: ServiceConfig, workers: int) -> int:
                 if process is None or process.is_alive() or stopping:
                     continue
                 restarts += 1
+                if process.pid is not None:
+                    mark_process_dead(process.pid, metrics_dir)
                 logger.error("worker %d (pid %s) exited with %s; restarting it (%d restarts so far)",
                              index, process.pid, process.exitcode, restarts)
                 time.sleep(_RESTART_PAUSE)
@@ -132,6 +146,11 @@ def run_workers(config: ServiceConfig, workers: int) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if previous_dir is None:
+            os.environ.pop(_MULTIPROC_ENV, None)
+        else:
+            os.environ[_MULTIPROC_ENV] = previous_dir
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         if table is not None:
             table.close()
             table.unlink()
