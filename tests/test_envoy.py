@@ -7,14 +7,13 @@ import json
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescriptor
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-from tests.envoy_fixtures import ENVOY, ENVOY_EXAMPLES, Envoy, Upstream, start_envoy
+from tests.envoy_fixtures import ENVOY, ENVOY_EXAMPLES, Envoy, Upstream
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
@@ -48,32 +47,6 @@ def _warmed_up(service: ServiceProcess) -> ServiceProcess:
     warm_up = rls_pb2.RateLimitRequest(domain="requests", descriptors=[_user("warm-up")])
     rls_pb2_grpc.RateLimitServiceStub(service.grpc).ShouldRateLimit(warm_up, timeout=30)
     return service
-
-
-@pytest.fixture(scope="module")
-def openai_upstream() -> Iterator[Upstream]:
-    upstream = Upstream()
-    try:
-        upstream.start()
-        yield upstream
-    finally:
-        upstream.stop()
-
-
-@pytest.fixture
-def envoy(tmp_path: Path) -> Iterator[Callable[..., Envoy]]:
-    """Factory: `envoy(bootstrap, rls_port, upstream_port, **ratelimit_filter)`; all stopped at teardown."""
-    started: list[Envoy] = []
-
-    def start(name: str, rls_port: int, upstream_port: int, **ratelimit_filter: Any) -> Envoy:
-        directory = tmp_path / str(len(started))
-        directory.mkdir()
-        started.append(start_envoy(name, rls_port, upstream_port, directory, **ratelimit_filter))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 def _user(name: str) -> RateLimitDescriptor:

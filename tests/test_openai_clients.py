@@ -24,8 +24,7 @@ import pytest
 import yaml
 
 from ratelimit.server.openai_usage import Estimator
-from ratelimit.tools.processes import free_ports
-from tests.envoy_fixtures import ADMIN, LISTENER, RATELIMIT, UPSTREAM, Envoy, Upstream, bootstrap
+from tests.envoy_fixtures import EXT_PROC_FILTER, RATELIMIT_FILTER, Envoy, Upstream, start_envoy
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
@@ -57,34 +56,21 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
         service.close()
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    upstream = Upstream()
-    try:
-        upstream.start()
-        yield upstream
-    finally:
-        upstream.stop()
+# Roomy: Envoy, the service, the upstream and the clients share two cores, and a slow moment must
+# not turn into a fail-open or a 500.
+ROOMY = {EXT_PROC: {EXT_PROC_FILTER: {"message_timeout": "10s"}}, LUA: {RATELIMIT_FILTER: {"timeout": "5s"}}}
 
 
 @pytest.fixture(scope="module")
-def proxies(service: ServiceProcess, upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Envoy]]:
-    """One Envoy per route. Timeouts are roomy: Envoy, the service, the upstream and the clients
-    share two cores, and a slow moment must not turn into a fail-open or a 500."""
+def proxies(
+    service: ServiceProcess, openai_upstream: Upstream, tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Envoy]]:
+    """One Envoy per route, with roomy timeouts."""
     started: dict[str, Envoy] = {}
     try:
         for name in ROUTES:
-            admin, listener = free_ports(2, "127.0.0.1")
-            config = bootstrap(name, {ADMIN: admin, LISTENER: listener, UPSTREAM: upstream.port, RATELIMIT: service.rls_port})
-            for http_filter in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
-                    "typed_config"]["http_filters"]:
-                if http_filter["name"] == "envoy.filters.http.ext_proc":
-                    http_filter["typed_config"]["message_timeout"] = "10s"
-                if http_filter["name"] == "envoy.filters.http.ratelimit":
-                    http_filter["typed_config"]["timeout"] = "5s"
-            envoy = Envoy(config, tmp_path_factory.mktemp(name.removesuffix(".yaml")))
-            started[name] = envoy
-            envoy.start()
+            directory = tmp_path_factory.mktemp(name.removesuffix(".yaml"))
+            started[name] = start_envoy(name, service.rls_port, openai_upstream.port, directory, ROOMY[name])
         yield started
     finally:
         for envoy in started.values():

@@ -72,7 +72,9 @@ def sandbox_bootstrap(listener: int, admin: int, upstream: int, limitador: int) 
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LimitadorProcess, Envoy]]:
+def sandbox(
+    tmp_path_factory: pytest.TempPathFactory, openai_upstream: Upstream,
+) -> Iterator[tuple[LimitadorProcess, Envoy]]:
     directory: Path = tmp_path_factory.mktemp("sandbox")
     limits = directory / "limits.yaml"
     limits.write_text(SANDBOX_LIMITS)
@@ -80,7 +82,6 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Limitado
         "--rls-ip", "127.0.0.1", "--rls-port", "{rls_port}", "--http-ip", "127.0.0.1", "--http-port", "{http_port}",
         "-vvv", "--grpc-reflection-service", "--rate-limit-headers", "DRAFT_VERSION_03", str(limits), "memory",
     ])
-    upstream = Upstream()
     envoy: Envoy | None = None
     try:
         limitador.start(timeout=STARTUP_TIMEOUT)
@@ -88,15 +89,13 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Limitado
         warm_up = RateLimitRequest(domain="warm-up", descriptors=[RateLimitDescriptor(
             entries=[RateLimitDescriptor.Entry(key="k", value="v")])])
         rls_pb2_grpc.RateLimitServiceStub(limitador.grpc).ShouldRateLimit(warm_up, timeout=60)
-        upstream.start(timeout=60)
         listener, admin = free_ports(2, HOST)
-        envoy = Envoy(sandbox_bootstrap(listener, admin, upstream.port, limitador.rls_port), directory)
+        envoy = Envoy(sandbox_bootstrap(listener, admin, openai_upstream.port, limitador.rls_port), directory)
         envoy.start(timeout=60)
         yield limitador, envoy
     finally:
         if envoy is not None:
             envoy.stop()
-        upstream.stop()
         limitador.close()
 
 
