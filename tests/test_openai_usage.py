@@ -21,6 +21,7 @@ from ratelimit.server.openai_usage import (
     parse_request,
     with_usage_requested,
 )
+from ratelimit.tools.openai_upstream import SSE_DONE, sse_event
 
 ESTIMATOR = Estimator(bytes_per_token=4, tokens_per_message=4, default_completion_tokens=100, max_reservation=1000)
 USAGE = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
@@ -67,7 +68,7 @@ def _sse(usage: bool = True) -> bytes:
     ]
     if usage:
         events.append({"choices": [], "usage": USAGE})
-    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return ("".join(map(sse_event, events)) + SSE_DONE).encode()
 
 
 @pytest.mark.parametrize("size", [1, 2, 7, 64, 10_000])

@@ -18,7 +18,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import uvicorn
@@ -31,6 +31,13 @@ DEFAULT_MODEL = "qwen3-8b"
 DEFAULT_COMPLETION_TOKENS = 16
 MAX_COMPLETION_TOKENS = 100_000
 _WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog")
+SSE_DONE = "data: [DONE]\n\n"
+"""The event that ends an OpenAI stream."""
+
+
+def sse_event(body: Mapping[str, Any]) -> str:
+    """One server-sent event carrying `body` as JSON, the frame each OpenAI stream chunk travels in."""
+    return f"data: {json.dumps(body)}\n\n"
 
 
 class TextPart(BaseModel):
@@ -133,9 +140,8 @@ def _stream(completion_id: str, model: str, words: list[str], usage: dict[str, i
     created = int(time.time())
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choices, **extra}
-        return f"data: {json.dumps(body)}\n\n"
+        return sse_event({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                          "choices": choices, **extra})
 
     # With include_usage, every chunk carries "usage": null and the last one the totals.
     pending = {"usage": None} if usage is not None else {}
@@ -146,7 +152,7 @@ def _stream(completion_id: str, model: str, words: list[str], usage: dict[str, i
     yield chunk([{"index": 0, "delta": {}, "finish_reason": "length"}], **pending)
     if usage is not None:
         yield chunk([], usage=usage)
-    yield "data: [DONE]\n\n"
+    yield SSE_DONE
 
 
 def main(argv: list[str] | None = None) -> None:
