@@ -31,6 +31,9 @@ STARTUP_TIMEOUT = 120.0
 
 METHOD_IS_GET = "descriptors[0]['req_method'] == 'GET'"
 APP_ID = "descriptors[0]['app_id']"
+# Limitador's server tests name the entries with dots (`req.method`, `app.id`).
+REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"
+REQ_APP_ID = "descriptors[0]['app.id']"
 
 
 def limit(
@@ -40,6 +43,11 @@ def limit(
     """One limits-file entry; by default Limitador's test limit: GETs, counted per app_id."""
     return {"namespace": namespace, "max_value": max_value, "seconds": seconds,
             "conditions": list(conditions), "variables": list(variables), **extra}
+
+
+def app_limit(namespace: str, max_value: int) -> dict[str, Any]:
+    """Limitador's server tests' `create_test_limit`: GETs, counted per `app.id`, 60 s."""
+    return limit(namespace, max_value, conditions=(REQ_METHOD_IS_GET,), variables=(REQ_APP_ID,))
 
 
 def write_limits(path: Path, limits: list[dict[str, Any]]) -> None:

@@ -8,22 +8,14 @@ Limitador's test limit is `descriptors[0]['req.method'] == 'GET'`, counted per
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.limitador_conformance.harness import Api, limit, serving
+from tests.limitador_conformance.harness import REQ_APP_ID, REQ_METHOD_IS_GET, Api, app_limit, limit, serving
 from tests.service_fixtures import ServiceProcess
 
-REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"
-REQ_APP_ID = "descriptors[0]['app.id']"
 VALUES = {"req.method": "GET", "app.id": "1"}
-
-
-def app_limit(namespace: str, max_value: int) -> dict[str, Any]:
-    """Limitador's `create_test_limit`."""
-    return limit(namespace, max_value, conditions=(REQ_METHOD_IS_GET,), variables=(REQ_APP_ID,))
 
 
 LIMITS = [
@@ -43,11 +35,6 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     that the HTTP API adds headers only when a body asks."""
     with serving("memory", LIMITS, request, tmp_path_factory, "-H", "DRAFT_VERSION_03") as service:
         yield service
-
-
-@pytest.fixture
-def api(service: ServiceProcess) -> Api:
-    return Api(service)
 
 
 RATE_LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")

@@ -46,11 +46,6 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture
-def api(service: ServiceProcess) -> Api:
-    return Api(service)
-
-
-@pytest.fixture
 def limits(service: ServiceProcess) -> ReloadableLimits:
     assert service.limits_file is not None
     return ReloadableLimits(service.limits_file, service, INITIAL)
@@ -58,6 +53,14 @@ def limits(service: ServiceProcess) -> ReloadableLimits:
 
 def max_values(api: Api, namespace: str) -> list[int]:
     return sorted(entry["max_value"] for entry in api.limits(namespace))
+
+
+def assert_removing_the_limits_removes_the_counter(api: Api, limits: ReloadableLimits, namespace: str) -> None:
+    """A reported counter of `namespace` goes when the reload removes the namespace's limits."""
+    assert api.report(namespace, APP_1) == 200
+    assert len(api.counters(namespace)) == 1
+    limits.replace(namespace, [])
+    assert api.counters(namespace) == []
 
 
 def test_get_namespaces_doesnt_return_the_ones_that_no_longer_have_limits(api: Api, limits: ReloadableLimits) -> None:
@@ -76,11 +79,7 @@ def test_delete_limit(api: Api, limits: ReloadableLimits) -> None:
 
 def test_delete_limit_also_deletes_associated_counters(api: Api, limits: ReloadableLimits) -> None:
     """`delete_limit_also_deletes_associated_counters`, integration_tests.rs."""
-    namespace = "delete_limit_also_deletes_associated_counters"
-    assert api.report(namespace, APP_1) == 200
-    assert len(api.counters(namespace)) == 1
-    limits.replace(namespace, [])
-    assert api.counters(namespace) == []
+    assert_removing_the_limits_removes_the_counter(api, limits, "delete_limit_also_deletes_associated_counters")
 
 
 def test_delete_limits_of_a_namespace(api: Api, limits: ReloadableLimits) -> None:
@@ -99,11 +98,7 @@ def test_delete_limits_does_not_delete_limits_from_other_namespaces(api: Api, li
 
 def test_delete_limits_of_a_namespace_also_deletes_counters(api: Api, limits: ReloadableLimits) -> None:
     """`delete_limits_of_a_namespace_also_deletes_counters`, integration_tests.rs."""
-    namespace = "delete_limits_of_a_namespace_also_deletes_counters"
-    assert api.report(namespace, APP_1) == 200
-    assert len(api.counters(namespace)) == 1
-    limits.replace(namespace, [])
-    assert api.counters(namespace) == []
+    assert_removing_the_limits_removes_the_counter(api, limits, "delete_limits_of_a_namespace_also_deletes_counters")
 
 
 def test_configure_with_creates_the_given_limits(api: Api, limits: ReloadableLimits) -> None:

@@ -65,11 +65,6 @@ def service(
         yield service
 
 
-@pytest.fixture
-def api(service: ServiceProcess) -> Api:
-    return Api(service)
-
-
 def served(entry: dict[str, Any]) -> dict[str, Any]:
     """The JSON `GET /limits` shows for a limits-file entry (Limitador's `Limit` shape)."""
     return {"id": None, "name": None, **entry}

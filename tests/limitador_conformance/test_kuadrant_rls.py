@@ -14,17 +14,11 @@ from envoy.extensions.common.ratelimit.v3.ratelimit_pb2 import RateLimitDescript
 from envoy.service.ratelimit.v3.rls_pb2 import RateLimitRequest, RateLimitResponse
 
 from ratelimit.proto import kuadrantrls_pb2_grpc
-from tests.limitador_conformance.harness import Api, limit, serving
+from tests.limitador_conformance.harness import REQ_APP_ID, Api, app_limit, limit, serving
 from tests.service_fixtures import ServiceProcess
 
 OK, OVER_LIMIT, UNKNOWN = RateLimitResponse.OK, RateLimitResponse.OVER_LIMIT, RateLimitResponse.UNKNOWN
-REQ_METHOD_IS_GET = "descriptors[0]['req.method'] == 'GET'"
-REQ_APP_ID = "descriptors[0]['app.id']"
 GET_APP_1 = {"req.method": "GET", "app.id": "1"}
-
-
-def app_limit(namespace: str, max_value: int) -> dict[str, object]:
-    return limit(namespace, max_value, conditions=(REQ_METHOD_IS_GET,), variables=(REQ_APP_ID,))
 
 
 LIMITS = [
@@ -48,11 +42,6 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture
 def stub(service: ServiceProcess) -> kuadrantrls_pb2_grpc.RateLimitServiceStub:
     return kuadrantrls_pb2_grpc.RateLimitServiceStub(service.grpc)
-
-
-@pytest.fixture
-def api(service: ServiceProcess) -> Api:
-    return Api(service)
 
 
 def descriptor(entries: dict[str, str]) -> RateLimitDescriptor:

@@ -69,11 +69,6 @@ def service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield service
 
 
-@pytest.fixture
-def api(service: ServiceProcess) -> Api:
-    return Api(service)
-
-
 def applies(api: Api, namespace: str, values: dict[str, str]) -> bool:
     """Whether the namespace's limit of 0 applies to a request with these entries."""
     return api.check(namespace, values) == 429

@@ -65,12 +65,17 @@ def value(service: ServiceProcess, name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
+def call(api: Api, namespace: str, values: dict[str, str], times: int, expect: int, hits: int = 1) -> None:
+    """`times` check_and_report calls of `hits` each, every one answered `expect`."""
+    for _ in range(times):
+        assert api.check_and_report(namespace, values, hits) == expect
+
+
 def test_shows_authorized_calls_by_namespace(service: ServiceProcess) -> None:
     """`shows_authorized_calls_by_namespace`, prometheus_metrics.rs: 2 and 3 calls."""
     api = Api(service)
     for namespace, calls in (("auth_calls_by_namespace", 2), ("auth_calls_by_namespace_two", 3)):
-        for _ in range(calls):
-            assert api.check_and_report(namespace, {}) == 200
+        call(api, namespace, {}, calls, expect=200)
     assert value(service, "authorized_calls", limitador_namespace="auth_calls_by_namespace") == 2
     assert value(service, "authorized_calls", limitador_namespace="auth_calls_by_namespace_two") == 3
     # Limitador's exact text: no `_total`, the namespace label.
@@ -86,8 +91,7 @@ def test_shows_authorized_hits_by_namespace(service: ServiceProcess) -> None:
         for namespace in ("auth_calls_by_namespace", "auth_calls_by_namespace_two")
     }
     for namespace, calls, hits in (("auth_calls_by_namespace", 2, 7), ("auth_calls_by_namespace_two", 3, 8)):
-        for _ in range(calls):
-            assert api.check_and_report(namespace, {}, hits) == 200
+        call(api, namespace, {}, calls, expect=200, hits=hits)
     assert value(service, "authorized_hits", limitador_namespace="auth_calls_by_namespace") == before[
         "auth_calls_by_namespace"] + 14
     assert value(service, "authorized_hits", limitador_namespace="auth_calls_by_namespace_two") == before[
@@ -98,8 +102,7 @@ def test_shows_limited_calls_by_namespace(service: ServiceProcess) -> None:
     """`shows_limited_calls_by_namespace`, prometheus_metrics.rs: 2 and 3 refused calls."""
     api = Api(service)
     for namespace, calls in (("limited_calls_by_namespace", 2), ("limited_calls_by_namespace_two", 3)):
-        for _ in range(calls):
-            assert api.check_and_report(namespace, {}) == 429
+        call(api, namespace, {}, calls, expect=429)
     assert value(service, "limited_calls", limitador_namespace="limited_calls_by_namespace") == 2
     assert value(service, "limited_calls", limitador_namespace="limited_calls_by_namespace_two") == 3
     assert value(service, "authorized_calls", limitador_namespace="limited_calls_by_namespace") in (None, 0)
@@ -110,8 +113,7 @@ def test_can_show_limited_calls_by_limit_name(service: ServiceProcess) -> None:
     by "Some limit" and 3 by "Another limit", one namespace."""
     api = Api(service)
     for which, calls in (("some", 2), ("another", 3)):
-        for _ in range(calls):
-            assert api.check_and_report("limited_calls_by_limit_name", {"which": which}) == 429
+        call(api, "limited_calls_by_limit_name", {"which": which}, calls, expect=429)
     namespace = "limited_calls_by_limit_name"
     assert value(service, "limited_calls", limitador_namespace=namespace, limit_name="Some limit") == 2
     assert value(service, "limited_calls", limitador_namespace=namespace, limit_name="Another limit") == 3
