@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -338,21 +337,24 @@ def test_explicit_no_limits_is_applied_with_a_warning(
     assert "removed all 2 limits" in warning.message
 
 
-def test_reload_is_parsed_off_the_event_loop(limits_dir: Path) -> None:
-    """The watcher task reads and parses in a thread (seconds for thousands of limits); only the
-    apply runs on the loop, so decisions go on meanwhile."""
+def _loader_noting_its_process(files: Mapping[str, bytes]) -> list[Limit]:
+    """The default loader, leaving a file named after the process it ran in next to the limits."""
+    [path] = files
+    (Path(path).parent / f"parsed-in-{os.getpid()}").touch()
+    return load_limits_file_contents(files)
+
+
+def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
+    """The watcher task parses a changed file in a child process (libyaml holds the interpreter lock
+    for a whole document, and CEL compiles take seconds for thousands of limits); only the apply runs
+    on the loop, so decisions go on meanwhile. The startup load parses in the service's process."""
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300))
-    parsed_in: list[threading.Thread] = []
-
-    def loader(files: Mapping[str, bytes]) -> list[Limit]:
-        parsed_in.append(threading.current_thread())
-        return load_limits_file_contents(files)
-
     engine = RateLimiter(MemoryStorage(capacity=1024))
     status = ConfigStatus(source=str(path))
-    watcher = LimitsFileWatcher(path, engine, status, interval=POLL, loader=loader)
+    watcher = LimitsFileWatcher(path, engine, status, interval=POLL, loader=_loader_noting_its_process)
     watcher.load()
+    assert [p.name for p in limits_dir.glob("parsed-in-*")] == [f"parsed-in-{os.getpid()}"]
     many = "".join(
         limits_yaml(300 + i, name=f"limit-{i}").replace(
             "conditions: []", f"conditions: [\"descriptors[0]['n'] == '{i}'\"]"
@@ -371,8 +373,11 @@ def test_reload_is_parsed_off_the_event_loop(limits_dir: Path) -> None:
 
     asyncio.run(scenario())
     assert len(engine.get_limits(NAMESPACE)) == 2000
-    assert parsed_in[0] is threading.main_thread()  # the startup load
-    assert parsed_in[-1] is not threading.main_thread()
+    children = {p.name for p in limits_dir.glob("parsed-in-*")} - {f"parsed-in-{os.getpid()}"}
+    assert len(children) == 1, children
+    # Rebuilt in this process: the compiled conditions work here.
+    limit = next(limit for limit in engine.get_limits(NAMESPACE) if limit.name == "limit-7")
+    assert limit.predicates[0].test([{"n": "7"}], limit.cel_binding)
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -290,7 +291,7 @@ def build_metrics(config: ServiceConfig, engine: RateLimiter) -> Metrics:
     metrics = Metrics(
         limit_name_in_labels=config.limit_name_in_labels, custom_labels=custom_labels,
         default_labels=default_labels, total_suffix=config.metrics_total_suffix,
-        limits_of=lambda namespace, descriptors: [c.limit for c in engine.counters_for(namespace, descriptors).counters],
+        limits_of=lambda namespace, descriptors: list(engine.counters_for(namespace, descriptors).limits),
         multiprocess_dir=config.metrics_dir,
     )
     if config.quota_metrics:
@@ -365,6 +366,7 @@ async def run_service(config: ServiceConfig) -> None:
         )
         # Background work of the storage (Redis: its reachability probe); never waits for Redis.
         await service.engine.storage.start()
+        _freeze_startup_objects()
         async with contextlib.AsyncExitStack() as running:
             for watcher in watchers:
                 await running.enter_async_context(watcher)
@@ -390,6 +392,16 @@ async def _publish_metrics(metrics: Metrics) -> None:
             metrics.publish()
         except Exception:  # a full disk must not stop the service; the next round tries again
             logger.exception("could not write this worker's metrics to %s", metrics.multiprocess_dir)
+
+
+def _freeze_startup_objects() -> None:
+    """Move everything alive after start-up (modules, classes, the loaded limits: ~140k objects) out
+    of reach of Python's cyclic garbage collector. A full collection walks every tracked object while
+    holding the interpreter lock, and anything that allocates (a /counters walk, a reload) sets one
+    off now and then: 60-90 ms without a decision over these objects, which live as long as the
+    process anyway. What is created later is collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_until_signalled(servers: Sequence[ManagedServer]) -> None:

@@ -270,7 +270,7 @@ class _Exchange:
             return ProcessingResponse(request_body=BodyResponse(), mode_override=_SKIP_RESPONSE)
         descriptors = config.descriptors_of(self.headers, chat.document)
         engine = self.meter.service.engine
-        if not engine.counters_for(self.namespace, descriptors).counters:  # no limit applies
+        if not len(engine.counters_for(self.namespace, descriptors)):  # no limit applies
             return ProcessingResponse(request_body=BodyResponse(), mode_override=_SKIP_RESPONSE)
         amount = config.estimator.reservation(chat.prompt_tokens, chat.max_tokens)
         decision = await engine.reserve(self.namespace, descriptors, amount, config.reservation_ttl)

@@ -24,6 +24,12 @@ with the result is the target's: the engine by default, the metrics' `-L` labels
 Polling costs one stat per file per interval, needs no extra dependency and also works where inotify does
 not (NFS, some container overlays); kubelet itself only syncs ConfigMaps every minute or so, so a
 one-second poll adds nothing noticeable.
+
+A running service parses what changed in a child process (`poll_off_loop`): libyaml builds a whole
+document in one C call that holds the interpreter lock (0.3 s for 2,000 limits), and validating
+compiles every CEL text; in a thread either would stall every decision that long. The child sends
+the limits back pickled; they are rebuilt here from the compile cache (ratelimit.cel), so a reload
+costs the decision process about the work of the limits that really changed.
 """
 
 from __future__ import annotations
@@ -32,9 +38,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,6 +142,8 @@ class LimitsFileWatcher:
         self._digest: bytes | None = None
         """Hash of the last content tried (applied or rejected), so each version is handled once."""
         self._task: asyncio.Task[None] | None = None
+        self._parser: ProcessPoolExecutor | None = None
+        """The child process that parses reloads, started at the first one."""
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -140,11 +151,15 @@ class LimitsFileWatcher:
         """Read, parse and apply the file now; raises LimitsError and leaves everything as it was."""
         self._fingerprint = self._stat()
         try:
-            digest, limits = self._read()
+            content = self._read()
         except _RejectedContent as rejected:
             raise rejected.error from None
-        self._apply(digest, limits)
-        return limits
+        outcome = self._parse(content)
+        if isinstance(outcome, _RejectedContent):
+            raise outcome.error
+        assert outcome is not None
+        self._apply(*outcome)
+        return outcome[1]
 
     def poll(self) -> bool:
         """Look at the file once; apply it if its content changed. True when new limits were applied.
@@ -158,11 +173,34 @@ class LimitsFileWatcher:
         return self._conclude(self._examine())
 
     async def poll_off_loop(self) -> bool:
-        """`poll`, with the reading, parsing and validating (seconds for thousands of limits) in a
-        thread, so the event loop keeps deciding; only applying the result runs on the loop."""
-        return self._conclude(await asyncio.to_thread(self._examine))
+        """`poll`, with stat and read in a thread and parsing and validating (seconds for thousands
+        of limits) in a child process, so the event loop keeps deciding; only applying the result
+        runs on the loop."""
+        outcome = await asyncio.to_thread(self._examine)
+        if isinstance(outcome, _Content):
+            outcome = await self._parse_in_child(outcome)
+        return self._conclude(outcome)
 
-    def _examine(self) -> _Outcome:
+    async def _parse_in_child(self, content: _Content) -> _Outcome:
+        if self._parser is None:
+            # spawn, not fork: this process runs gRPC's and numba's threads, which fork does not copy.
+            self._parser = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            parsed, error = await asyncio.get_running_loop().run_in_executor(
+                self._parser, _parse, self.loader, content.files
+            )
+        except BrokenProcessPool:
+            # The child died (killed, out of memory): parse here this once, start a new child next time.
+            logger.error("the %s parser process died; parsing %s in the service process", self.what, self.path)
+            self._parser = None
+            return self._parse(content)
+        return _RejectedContent(content.digest, error) if error is not None else (content.digest, parsed)
+
+    def _parse(self, content: _Content) -> _Outcome:
+        parsed, error = _parse(self.loader, content.files)
+        return _RejectedContent(content.digest, error) if error is not None else (content.digest, parsed)
+
+    def _examine(self) -> _Outcome | _Content:
         """Everything but applying: stat, and when due, read and parse. Touches only the watcher's
         own fingerprint state, never the engine, so it may run in a thread."""
         fingerprint = self._stat()
@@ -176,16 +214,18 @@ class LimitsFileWatcher:
         if isinstance(fingerprint, _Missing):
             return _RejectedContent(_MISSING_DIGEST, LimitsError(self.path, fingerprint.reason))
         try:
-            digest, limits = self._read()
+            content = self._read()
         except _RejectedContent as rejected:
             return rejected
-        if digest == self._digest:
+        if content.digest == self._digest:
             if settled:
                 logger.debug("limits file %s changed on disk, same content: nothing to apply", self.path)
             return None
-        return digest, limits
+        return content
 
-    def _conclude(self, outcome: _Outcome) -> bool:
+    def _conclude(self, outcome: _Outcome | _Content) -> bool:
+        if isinstance(outcome, _Content):
+            outcome = self._parse(outcome)
         if outcome is None:
             return False
         if isinstance(outcome, _RejectedContent):
@@ -212,8 +252,8 @@ class LimitsFileWatcher:
             time.time() - file.mtime_ns / 1e9 < _RACY_SECONDS for file in fingerprint
         )
 
-    def _read(self) -> tuple[bytes, Any]:
-        """The content's hash and limits. Reads once, so the hash is of exactly what was parsed."""
+    def _read(self) -> _Content:
+        """The files' content and its hash. Read once, so the hash is of exactly what is parsed."""
         files: dict[str, bytes] = {}
         digest = hashlib.sha256()
         try:
@@ -231,10 +271,7 @@ class LimitsFileWatcher:
             raise _RejectedContent(digest.digest(), LimitsError(
                 empty[0], "the file is empty (0 bytes), probably a partial write; write `[]` to remove all limits"
             ))
-        try:
-            return digest.digest(), self.loader(files)
-        except LimitsError as exc:
-            raise _RejectedContent(digest.digest(), exc) from None
+        return _Content(digest.digest(), files)
 
     def _apply(self, digest: bytes, limits: Any) -> None:
         # Only an engine has limits to lose; another target (the -L labels) has no such warning.
@@ -284,6 +321,9 @@ class LimitsFileWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        parser, self._parser = self._parser, None
+        if parser is not None:
+            parser.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> LimitsFileWatcher:
         self.start()
@@ -298,6 +338,22 @@ class _RejectedContent(Exception):
         super().__init__(str(error))
         self.digest = digest
         self.error = error
+
+
+@dataclass(frozen=True)
+class _Content:
+    """Files read, not yet parsed."""
+
+    digest: bytes
+    files: dict[str, bytes]
+
+
+def _parse(loader: Loader, files: Mapping[str, bytes]) -> tuple[Any, LimitsError | None]:
+    """(the loader's result, None) or (None, the LimitsError): what a parser process sends back."""
+    try:
+        return loader(files), None
+    except LimitsError as exc:
+        return None, exc
 
 
 _Outcome = tuple[bytes, Any] | _RejectedContent | None

@@ -56,12 +56,14 @@ class _Plan:
     """What the kernel needs to find a request's counters: an int64 array
     [n, limit_no x n, key start x n, key end x n, key bytes...], built once per memoized set."""
 
-    __slots__ = ("generation", "array", "counters")
+    __slots__ = ("generation", "array", "limits", "values")
 
-    def __init__(self, generation: int, array: np.ndarray, counters: tuple[Counter, ...]) -> None:
+    def __init__(self, generation: int, array: np.ndarray, limits: tuple[Limit, ...],
+                 values: tuple[tuple[str, ...], ...]) -> None:
         self.generation = generation
         self.array = array
-        self.counters = counters
+        self.limits = limits  # of the counters in the array, in its order (a CounterSet's, compactly)
+        self.values = values
 
 
 def _identity_hash(limit: Limit) -> tuple[int, int]:
@@ -261,20 +263,24 @@ class MemoryStorage(Storage):
             return plan
         no_by_identity = self._no_by_identity
         # Counters of limits that a concurrent reload removed are left out: their limit is gone.
-        known = [(c, no) for c in counter_set.counters if (no := no_by_identity.get(c.limit.identity)) is not None]
-        keys = [c.qualifier().encode("utf-8") for c, _ in known]
+        known = [(limit, values, no) for limit, values in zip(counter_set.limits, counter_set.values, strict=True)
+                 if (no := no_by_identity.get(limit.identity)) is not None]
+        keys = [Counter(limit, values).qualifier().encode("utf-8") for limit, values, _ in known]
         n = len(known)
         lengths = [len(key) for key in keys]
         # Each key starts on a word and is zero-padded to whole words (kernels compare words).
         padded = b"".join(key + bytes(-len(key) % 8) for key in keys)
         array = np.zeros(1 + 3 * n + len(padded) // 8, dtype=np.int64)
         array[0] = n
-        array[1 : 1 + n] = [no for _, no in known]
+        array[1 : 1 + n] = [no for _, _, no in known]
         array[1 + n : 1 + 2 * n] = lengths
         array[1 + 2 * n : 1 + 3 * n] = np.cumsum([0] + [-(-length // 8) for length in lengths[:-1]]) if n else []
         array[1 + 3 * n :] = np.frombuffer(padded, dtype="<i8")
-        counters = tuple(c for c, _ in known) if n != len(counter_set.counters) else counter_set.counters
-        plan = _Plan(self._generation, array, counters)
+        if n == len(counter_set):
+            limits, values = counter_set.limits, counter_set.values
+        else:
+            limits, values = tuple(k[0] for k in known), tuple(k[1] for k in known)
+        plan = _Plan(self._generation, array, limits, values)
         counter_set.storage_handle = plan
         return plan
 
@@ -282,7 +288,7 @@ class MemoryStorage(Storage):
                 tag: int = 0, expires_at: int = 0) -> tuple[Decision, np.ndarray]:
         plan = self._plan(counters)
         now = self._now_ms()
-        n = len(plan.counters)
+        n = len(plan.limits)
         out = np.zeros(kernels.RESULT_WORDS + n * kernels.STATE_WIDTH, dtype=np.int64)
         words = self._words
         decide = kernels.decide
@@ -300,9 +306,10 @@ class MemoryStorage(Storage):
         statuses = []
         if load_counters:
             states = out[kernels.RESULT_WORDS :].reshape(n, kernels.STATE_WIDTH).tolist()
-            for counter, (_, used, expires, reserved) in zip(plan.counters, states, strict=True):
-                statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return Decision(plan.counters[code].limit if code >= 0 else None, statuses), out
+            for limit, values, (_, used, expires, reserved) in zip(plan.limits, plan.values, states, strict=True):
+                statuses.append(CounterStatus(Counter(limit, values), used, (expires - now) / 1000 if expires else 0.0,
+                                              reserved))
+        return Decision(plan.limits[code] if code >= 0 else None, statuses), out
 
 
 def _cursor_row(cursor: str | None) -> int:
