@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 
 from exporter.catalog import CatalogCollector
 from exporter.quota import DEFAULT_TOP_N, QuotaCollector
-from exporter.service import engine_counters
+from exporter.service import engine_summary
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import LimitsError, load_limits_file
 from ratelimit.metrics import MetricLabelsError, StorageHealth, load_custom_labels
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     engine = RateLimiter(build_storage(parser, args.storage), limits)
     registry = CollectorRegistry(auto_describe=False)
-    quota = QuotaCollector(engine_counters(engine), labels, args.top_n)
+    quota = QuotaCollector(engine_summary(engine), labels, args.top_n)
     registry.register(quota)
     registry.register(CatalogCollector(catalog))
     registry.register(StorageHealth(engine.storage))  # datastore_listing_failures, datastore_partitioned

@@ -13,16 +13,16 @@ next to a per-user limit) are set to that counter's value, so quota series join 
 
 from __future__ import annotations
 
-import heapq
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 from prometheus_client.core import Metric
 
 from ratelimit.cel import Expression
 from ratelimit.counters import CounterStatus, StorageError
+from ratelimit.limits import Limit
+from ratelimit.storage.summary import CounterSummary, LimitSummary, used, utilisation
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ DEFAULT_TOP_N = 500
 # used / limit; 1 is "exhausted" (overshoot by unconditional reports counts there too).
 UTILISATION_THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
 
-ReadCounters = Callable[[], Awaitable[Sequence[CounterStatus]]]
+ReadSummary = Callable[[int, Sequence[float]], Awaitable[CounterSummary]]
+"""(top_n, thresholds) -> the summary of every counter (Storage.counter_summary)."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,18 @@ class _Row:
 
     @property
     def utilisation(self) -> float:
-        return _utilisation(self.used, self.limit)
+        return utilisation(self.used, self.limit)
 
 
 class QuotaCollector:
-    """A prometheus_client collector over a snapshot taken by `refresh` (async: storages are)."""
+    """A prometheus_client collector over a summary taken by `refresh` (async: storages are)."""
 
-    def __init__(self, read_counters: ReadCounters, custom_labels: Mapping[str, Expression] | None = None,
+    def __init__(self, read_summary: ReadSummary, custom_labels: Mapping[str, Expression] | None = None,
                  top_n: int = DEFAULT_TOP_N) -> None:
-        self._read = read_counters
+        self._read = read_summary
         self._custom = dict(sorted((custom_labels or {}).items()))
         self.top_n = top_n
-        self._statuses: Sequence[CounterStatus] = ()
+        self._summary = CounterSummary([], {})
         self.listing_ok = True
         """Whether the last refresh read the counters (`ratelimit_quota_listing_ok`)."""
         self.failed_listings = 0
@@ -70,7 +71,7 @@ class QuotaCollector:
 
     async def refresh(self) -> None:
         try:
-            self._statuses = await self._read()
+            self._summary = await self._read(self.top_n, UTILISATION_THRESHOLDS)
         except StorageError as exc:
             # The call series must still be scraped while Redis is away; stale quota would mislead,
             # so no quota series, and ratelimit_quota_listing_ok 0 says why (not "no counters").
@@ -79,7 +80,7 @@ class QuotaCollector:
                 logger.error("quota metrics: cannot read counters (ratelimit_quota_listing_ok is 0 until "
                              "they can be read again): %s", exc)
             self.listing_ok = False
-            self._statuses = ()
+            self._summary = CounterSummary([], {})
             return
         if not self.listing_ok:
             logger.error("quota metrics: counters read again, after %d failed listings", self.failed_listings)
@@ -105,76 +106,54 @@ class QuotaCollector:
             labels = {name: value for name, value in labels.items() if value != ""}
             for key, family in families.items():
                 family.add_sample(family.name, labels, getattr(row, key))
-        for (namespace, name, window), number in self._counter_counts().items():
+        for (namespace, name, window), group in self._by_limit_key().items():
             counts.add_sample(counts.name, {NAMESPACE_LABEL: namespace, "limit_name": name,
-                                            "window_seconds": window}, number)
+                                            "window_seconds": window}, sum(s.counters for s in group))
         return [listing_ok, *families.values(), counts, self._at_or_above()]
 
     def _rows(self) -> list[_Row]:
         """The top_n busiest counters, then one summed row per (namespace, limit) for the rest."""
-        busiest = heapq.nlargest(self.top_n, range(len(self._statuses)),
-                                 key=lambda i: self._used(self._statuses[i]))
-        chosen = set(busiest)
-        rows = [self._row(self._statuses[i]) for i in busiest]
-        others: dict[tuple[str, str, str], list[CounterStatus]] = {}
-        for i, status in enumerate(self._statuses):
-            if i not in chosen:
-                others.setdefault(_limit_key(status), []).append(status)
-        for (namespace, name, window), group in others.items():
-            rows.append(_Row(
-                namespace, name, window, OTHER, ("",) * len(self._custom),
-                limit=sum(s.limit.max_value for s in group), used=sum(self._used(s) for s in group),
-                remaining=sum(s.remaining for s in group), reset=min(s.expires_in for s in group),
-            ))
+        rows = [self._row(status) for status in self._summary.busiest]
+        for (namespace, name, window), group in self._by_limit_key().items():
+            rest = [summary for summary in group if summary.others]
+            if rest:
+                rows.append(_Row(
+                    namespace, name, window, OTHER, ("",) * len(self._custom),
+                    limit=sum(s.others_max_value for s in rest), used=sum(s.others_used for s in rest),
+                    remaining=sum(s.others_remaining for s in rest), reset=min(s.others_reset for s in rest),
+                ))
         return rows
 
     def _row(self, status: CounterStatus) -> _Row:
-        namespace, name, window = _limit_key(status)
+        namespace, name, window = _limit_key(status.limit)
         return _Row(namespace, name, window, status.counter.qualifier(), self._custom_values(status),
-                    limit=status.limit.max_value, used=self._used(status), remaining=status.remaining,
+                    limit=status.limit.max_value, used=used(status), remaining=status.remaining,
                     reset=status.expires_in)
-
-    @staticmethod
-    def _used(status: CounterStatus) -> int:
-        # What admission counts against the limit, so used + remaining == limit until overshoot.
-        return status.value + status.reserved
 
     def _custom_values(self, status: CounterStatus) -> tuple[str, ...]:
         by_source = {_normalise(source): value for source, value in status.counter.set_variables.items()}
         return tuple(by_source.get(_normalise(expr.source), "") for expr in self._custom.values())
 
-    def _counter_counts(self) -> dict[tuple[str, str, str], int]:
-        counts: dict[tuple[str, str, str], int] = {}
-        for status in self._statuses:
-            key = _limit_key(status)
-            counts[key] = counts.get(key, 0) + 1
-        return counts
+    def _by_limit_key(self) -> dict[tuple[str, str, str], list[LimitSummary]]:
+        """Limits of one (namespace, name, window) are one set of series, whatever their conditions."""
+        groups: dict[tuple[str, str, str], list[LimitSummary]] = {}
+        for limit, summary in self._summary.limits.items():
+            groups.setdefault(_limit_key(limit), []).append(summary)
+        return groups
 
     def _at_or_above(self) -> Metric:
         """Per limit, how many of its counters (all of them, not only the top N) used at least
         each threshold of their limit."""
         family = Metric("ratelimit_quota_counters_at_or_above",
                         "Live counters whose used / limit is at least `threshold`", "gauge")
-        by_limit: dict[tuple[str, str, str], list[CounterStatus]] = {}
-        for status in self._statuses:
-            by_limit.setdefault(_limit_key(status), []).append(status)
-        thresholds = np.array(UTILISATION_THRESHOLDS, dtype=np.float64)
-        for (namespace, name, window), group in sorted(by_limit.items()):
-            ratios = np.array([_utilisation(self._used(s), s.limit.max_value) for s in group], dtype=np.float64)
-            reached = np.count_nonzero(ratios[:, np.newaxis] >= thresholds, axis=0)
-            for threshold, number in zip(UTILISATION_THRESHOLDS, reached):
+        for (namespace, name, window), group in sorted(self._by_limit_key().items()):
+            for k, threshold in enumerate(UTILISATION_THRESHOLDS):
                 family.add_sample(family.name, {NAMESPACE_LABEL: namespace, "limit_name": name, "window_seconds": window,
-                                                "threshold": repr(threshold)}, int(number))
+                                                "threshold": repr(threshold)}, sum(s.at_or_above[k] for s in group))
         return family
 
 
-def _utilisation(used: int, limit: int) -> float:
-    # A limit of 0 admits nothing: its counters are exhausted from the start.
-    return used / limit if limit > 0 else 1.0
-
-
-def _limit_key(status: CounterStatus) -> tuple[str, str, str]:
-    limit = status.limit
+def _limit_key(limit: Limit) -> tuple[str, str, str]:
     return limit.namespace, limit.name or "", str(limit.seconds)
 
 

@@ -2,37 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from exporter.catalog import CatalogCollector
-from exporter.quota import DEFAULT_TOP_N, QuotaCollector, ReadCounters
+from exporter.quota import DEFAULT_TOP_N, QuotaCollector, ReadSummary
 from ratelimit.cel import Expression
-from ratelimit.counters import CounterStatus
 from ratelimit.engine import RateLimiter
 from ratelimit.metrics import Metrics
 from ratelimit.sources.maas_naming import load_catalog
-
-LISTING_PAGE = 250
-"""Counters read per storage call during a scrape (about a millisecond of work); the event loop
-(decisions) runs between pages."""
+from ratelimit.storage.summary import CounterSummary
 
 
-def engine_counters(engine: RateLimiter) -> ReadCounters:
-    async def read_counters() -> Sequence[CounterStatus]:
-        limits = engine.all_limits()
-        statuses: list[CounterStatus] = []
-        cursor: str | None = None
-        while True:
-            page = await engine.storage.get_counters_page(limits, cursor, LISTING_PAGE)
-            statuses.extend(page.counters)
-            cursor = page.next_cursor
-            if cursor is None:
-                return statuses
-            await asyncio.sleep(0)
+def engine_summary(engine: RateLimiter) -> ReadSummary:
+    async def read_summary(top_n: int, thresholds: Sequence[float]) -> CounterSummary:
+        return await engine.storage.counter_summary(engine.all_limits(), top_n, thresholds)
 
-    return read_counters
+    return read_summary
 
 
 def install_quota_metrics(
@@ -40,7 +26,7 @@ def install_quota_metrics(
     top_n: int = DEFAULT_TOP_N,
 ) -> QuotaCollector:
     """Quota gauges over every counter the engine's storage holds, refreshed before each scrape."""
-    collector = QuotaCollector(engine_counters(engine), custom_labels, top_n)
+    collector = QuotaCollector(engine_summary(engine), custom_labels, top_n)
     metrics.on_custom_labels(collector.set_custom_labels)  # a reloaded -L file labels the gauges too
     metrics.registry.register(collector)
     metrics.add_refresher(collector.refresh)

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+from unittest import mock
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ratelimit.counters import StorageFullError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
+from ratelimit.storage import memory
 from ratelimit.storage.memory import MemoryStorage
+from ratelimit.storage.summary import summarize
 from ratelimit.storage.table import CounterTable
 from tests.reference_model import ReferenceModel
 
@@ -186,3 +191,40 @@ def test_keys_longer_than_the_key_room_are_refused_with_their_own_reason() -> No
         run(engine.report(NS, [{"user": "v" * 30}], 1))
     assert storage.refusals == {"rows": 0, "key_bytes": 1, "reservations": 0}
     assert sorted(len(s.counter.values[0]) for s in run(engine.get_counters(NS))) == [5, 192]
+
+
+THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hits=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30), st.integers(0, 12), st.booleans()), max_size=60),
+    top_n=st.integers(0, 8),
+    scan_rows=st.sampled_from([3, 7, 1 << 15]),
+)
+def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int, int, bool]], top_n: int,
+                                                        scan_rows: int) -> None:
+    """The memory table's numpy summary (chunked scans, busiest kept per chunk) equals `summarize`
+    over the plain listing: the same busiest counters in the same order, and the same per-limit
+    totals, thresholds and soonest reset of the rest; with windows at different ages, reservations,
+    overshoot and a limit of 0."""
+    limits = [Limit(NS, 10, 60, (), (USER,), name="small"), Limit(NS, 0, 30, (), (USER,), name="closed"),
+              Limit(NS, 25, 90, (), (USER, MODEL), name="pair")]
+    engine, storage, clock = engine_with(*limits)
+    for which, user, amount, reserve in hits:
+        clock.now += 0.25
+        descriptors = [{"user": f"u{user}", "model": f"m{user % 3}"}]
+        limit = limits[which]
+        counters = engine.counters_for(NS, descriptors)
+        only = type(counters)([c for c in counters.counters if c.limit is limit])
+        if reserve:
+            run(storage.reserve(only, amount, 20))
+        else:
+            run(storage.update_counters(only, amount))
+    listing = run(storage.get_counters(limits))
+    with mock.patch.object(memory, "LIST_SCAN_ROWS", scan_rows):
+        got = run(storage.counter_summary(limits, top_n, THRESHOLDS))
+    expected = summarize(listing, top_n, THRESHOLDS)
+    assert [(s.counter, s.value, s.reserved, s.expires_in) for s in got.busiest] == \
+        [(s.counter, s.value, s.reserved, s.expires_in) for s in expected.busiest]
+    assert got.limits == expected.limits

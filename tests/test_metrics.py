@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from exporter.catalog import CatalogCollector
-from exporter.quota import OTHER, QuotaCollector
+from exporter.quota import OTHER, QuotaCollector, ReadSummary
 from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit
 from ratelimit.metrics import (
@@ -22,6 +22,7 @@ from ratelimit.metrics import (
 )
 from ratelimit.server.app import ServiceConfig, build_service
 from ratelimit.sources.maas_naming import entries_from_documents
+from ratelimit.storage.summary import CounterSummary, summarize
 from tests.support import EXAMPLES
 
 LABELS = parse_custom_labels("user: descriptors[0]['user']\nmodel: descriptors[0].model\n")
@@ -62,6 +63,15 @@ def statuses(values: Sequence[int], limit: Limit = FREE) -> list[CounterStatus]:
     return [CounterStatus(Counter(limit, (f"user{i}",)), value, 30.0) for i, value in enumerate(values)]
 
 
+def reading(counters: list[CounterStatus]) -> ReadSummary:
+    """A collector's reader over these statuses (what Storage.counter_summary does by default)."""
+
+    async def read(top_n: int, thresholds: Sequence[float]) -> CounterSummary:
+        return summarize(counters, top_n, thresholds)
+
+    return read
+
+
 def collect(collector: QuotaCollector) -> dict[str, list]:
     asyncio.run(collector.refresh())
     return {family.name: family.samples for family in collector.collect()}
@@ -69,11 +79,7 @@ def collect(collector: QuotaCollector) -> dict[str, list]:
 
 def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
     counters = statuses([10, 900, 50, 1500, 5])  # 1500: overshoot by unconditional reports
-
-    async def read() -> list[CounterStatus]:
-        return counters
-
-    families = collect(QuotaCollector(read, LABELS, top_n=2))
+    families = collect(QuotaCollector(reading(counters), LABELS, top_n=2))
     used = {s.labels["counter"]: s.value for s in families["ratelimit_quota_used"]}
     assert used == {"user3": 1500, "user1": 900, OTHER: 65}
     remaining = {s.labels["counter"]: s.value for s in families["ratelimit_quota_remaining"]}
@@ -92,11 +98,7 @@ def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
 def test_quota_families_are_gauges_that_go_down_when_windows_reset() -> None:
     """A snapshot: when a window resets its counter leaves, and every count drops with it."""
     counters = statuses([950, 990])
-
-    async def read() -> list[CounterStatus]:
-        return counters
-
-    collector = QuotaCollector(read, LABELS)
+    collector = QuotaCollector(reading(counters), LABELS)
     asyncio.run(collector.refresh())
     assert {family.type for family in collector.collect()} == {"gauge"}
     before = {s.labels["threshold"]: s.value for s in collect(collector)["ratelimit_quota_counters_at_or_above"]}

@@ -6,6 +6,7 @@ decision atomic (one numba kernel call under a lock in memory, one Lua script in
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,10 @@ from typing import Any, TypeVar
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation
 from ratelimit.limits import Limit
+from ratelimit.storage.summary import CounterSummary, summarize
+
+SUMMARY_PAGE = 250
+"""Counters one listing page reads while summarizing (about a millisecond of work for most storages)."""
 
 T = TypeVar("T")
 
@@ -156,6 +161,20 @@ class Storage(ABC):
         end = start + max_counters
         return CounterPage(statuses[start:end], str(end) if end < len(statuses) else None)
 
+    async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
+        """The busiest `top_n` live counters of these limits and per limit what they all add up to
+        (ratelimit.storage.summary). The default walks every listing page, the event loop free
+        between pages; raises StorageError when a page cannot be read (never a partial summary)."""
+        statuses: list[CounterStatus] = []
+        cursor: str | None = None
+        while True:
+            page = await self.get_counters_page(limits, cursor, SUMMARY_PAGE)
+            statuses.extend(page.counters)
+            cursor = page.next_cursor
+            if cursor is None:
+                return summarize(statuses, top_n, thresholds)
+            await asyncio.sleep(0)
+
     @property
     def status(self) -> StorageStatus:
         """Health as plain data (one per storage, made on first use); storages with a backend that
@@ -223,6 +242,9 @@ class StorageWrapper(Storage):
         self, limits: Sequence[Limit], cursor: str | None, max_counters: int, match: CounterFilter | None = None
     ) -> CounterPage:
         return await self.storage.get_counters_page(limits, cursor, max_counters, match)
+
+    async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
+        return await self.storage.counter_summary(limits, top_n, thresholds)
 
     async def close(self) -> None:
         await self.storage.close()

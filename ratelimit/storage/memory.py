@@ -17,6 +17,7 @@ Counters of limits that a reload removes stay for one window, so a limit that co
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import random
@@ -29,6 +30,7 @@ from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reserva
 from ratelimit.limits import Identity, Limit
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
+from ratelimit.storage.summary import CounterSummary, LimitSummary
 from ratelimit.storage.table import CounterTable, TableStats, warm_up
 
 DEFAULT_CAPACITY = 2_000_000
@@ -171,13 +173,81 @@ class MemoryStorage(Storage):
 
     def _page(self, limits: Sequence[Limit], cursor: int, max_counters: int, needle: bytes | None,
               match: CounterFilter | None) -> tuple[list[CounterStatus], int | None]:
-        """Scan the table from row `cursor` in chunks of LIST_SCAN_ROWS rows, each copied out under
-        the lock (a fraction of a millisecond) and turned into CounterStatus outside it, until
-        `max_counters` counters or LIST_ROWS_PER_PAGE rows; the page may hold fewer counters than
-        asked while next_cursor is not None. Counters added or freed while a listing pages through
-        may or may not appear."""
+        """Live counters from row `cursor` on, until `max_counters` counters or LIST_ROWS_PER_PAGE
+        rows (see `_chunks` for how the lock is held); the page may hold fewer counters than asked
+        while next_cursor is not None. Counters added or freed while a listing pages through may or
+        may not appear."""
         if max_counters < 1:
             raise ValueError(f"max_counters must be at least 1, got {max_counters}")
+        wanted, limit_of_no = self._wanted(limits)
+        statuses: list[CounterStatus] = []
+        next_cursor: int | None = cursor if limit_of_no else None
+        scanned_until = cursor + LIST_ROWS_PER_PAGE
+        while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
+            listed, key_bytes, now, next_cursor = self._chunk(wanted, needle, next_cursor, max_counters - len(statuses))
+            for _, no, value, expires, reserved, length, first_word in listed.tolist():
+                counter = _counter_at(limit_of_no[no], key_bytes, first_word, length)
+                if match is not None and not match(counter):
+                    continue
+                statuses.append(CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved))
+        return statuses, next_cursor
+
+    async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
+        """`summarize` over every live counter of `limits`, computed from the table in numpy: a
+        Python object only for the busiest `top_n` counters. The table is scanned in chunks of
+        LIST_SCAN_ROWS rows (each under the lock for a fraction of a millisecond), the event loop
+        free in between; counters that change meanwhile are seen before or after."""
+        wanted, limit_of_no = self._wanted(limits)
+        numbers, used, max_values, expiring, candidates = [], [], [], [], []
+        seen = 0
+        cursor: int | None = 0 if limit_of_no else None
+        while cursor is not None:
+            listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, LIST_SCAN_ROWS)
+            chunk_used = listed[:, 2] + listed[:, 4]
+            numbers.append(listed[:, 1])
+            used.append(chunk_used)
+            max_values.append(self._max_values[listed[:, 1]])
+            expiring.append(np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0))
+            # The busiest of the whole table are among the busiest of each chunk.
+            for k in np.argsort(-chunk_used, kind="stable")[:top_n].tolist():
+                _, no, value, expires, reserved, length, first_word = listed[k].tolist()
+                counter = _counter_at(limit_of_no[no], key_bytes, first_word, length)
+                status = CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved)
+                candidates.append((-(value + reserved), seen + k, status))
+            seen += len(listed)
+            await asyncio.sleep(0)
+        candidates.sort(key=lambda candidate: candidate[:2])
+        busiest = candidates[:top_n]
+        if not seen:
+            return CounterSummary([status for _, _, status in busiest], {})
+        no_all = np.concatenate(numbers)
+        used_all = np.concatenate(used)
+        max_all = np.concatenate(max_values)
+        expires_all = np.concatenate(expiring)
+        other = np.ones(seen, dtype=np.bool_)
+        other[np.array([position for _, position, _ in busiest], dtype=np.int64)] = False
+        slots = self.table.limit_slots
+        counts = np.bincount(no_all, minlength=slots)
+        ratios = np.divide(used_all, max_all, out=np.ones(seen), where=max_all > 0)
+        reached = [np.bincount(no_all[ratios >= threshold], minlength=slots) for threshold in thresholds]
+        others = np.bincount(no_all[other], minlength=slots)
+        sums = [np.zeros(slots, dtype=np.int64) for _ in range(3)]
+        remaining = np.clip(max_all - used_all, 0, max_all)
+        for total, column in zip(sums, (max_all, used_all, remaining), strict=True):
+            np.add.at(total, no_all[other], column[other])
+        soonest = np.full(slots, np.inf)
+        np.minimum.at(soonest, no_all[other], expires_all[other])
+        summaries = {}
+        for no in np.flatnonzero(counts).tolist():
+            summaries[limit_of_no[no]] = LimitSummary(
+                counters=int(counts[no]), at_or_above=[int(r[no]) for r in reached], others=int(others[no]),
+                others_max_value=int(sums[0][no]), others_used=int(sums[1][no]), others_remaining=int(sums[2][no]),
+                others_reset=float(soonest[no]) if others[no] else 0.0,
+            )
+        return CounterSummary([status for _, _, status in busiest], summaries)
+
+    def _wanted(self, limits: Sequence[Limit]) -> tuple[np.ndarray, dict[int, Limit]]:
+        """The limit numbers of `limits` in this table, as a mask for the kernels and a look-up."""
         wanted = np.zeros(self.table.limit_slots, dtype=np.bool_)
         limit_of_no: dict[int, Limit] = {}
         for limit in limits:
@@ -185,36 +255,26 @@ class MemoryStorage(Storage):
             if no is not None:
                 wanted[no] = True
                 limit_of_no[no] = limit
-        statuses: list[CounterStatus] = []
-        if not limit_of_no:
-            return statuses, None
+        return wanted, limit_of_no
+
+    def _chunk(self, wanted: np.ndarray, needle: bytes | None, cursor: int,
+               room: int) -> tuple[np.ndarray, np.ndarray, int, int | None]:
+        """At most `room` live rows of the wanted limits from row `cursor` on, within LIST_SCAN_ROWS
+        rows, copied out under the lock (a fraction of a millisecond): (listed rows as in
+        kernels.list_rows, their key bytes, the time they were read at, the next cursor or None)."""
         needle_array = np.array(bytearray(needle or b""), dtype=np.uint8)  # writable: one compiled type
-        next_cursor: int | None = cursor
-        scanned_until = cursor + LIST_ROWS_PER_PAGE
-        while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
-            room = max_counters - len(statuses)
-            listed = np.empty((room, kernels.LISTED_WIDTH), dtype=np.int64)
-            key_room = min(room * 32, 1 << 19)
-            while True:
-                listed_keys = np.empty(key_room + kernels.BLOCK_PAYLOAD_WORDS, dtype=np.int64)
-                now = self._now_ms()
-                result = self._call(kernels.list_rows, wanted, needle_array, next_cursor, LIST_SCAN_ROWS, now,
-                                    _pid(), listed, listed_keys)
-                if result[0] > 0 or result[2] == 0:
-                    break
-                key_room = int(result[2])  # the next key alone is longer than the buffer
-            count = int(result[0])
-            next_cursor = None if result[1] < 0 else int(result[1])
-            key_bytes = listed_keys.view(np.uint8)
-            for _, no, used, expires, reserved, length, first_word in listed[:count].tolist():
-                limit = limit_of_no[no]
-                qualifier = key_bytes[8 * first_word : 8 * first_word + length].tobytes().decode("utf-8")
-                values = Counter.values_from_qualifier(limit, qualifier)
-                counter = Counter(limit, values)
-                if match is not None and not match(counter):
-                    continue
-                statuses.append(CounterStatus(counter, used, (expires - now) / 1000 if expires else 0.0, reserved))
-        return statuses, next_cursor
+        listed = np.empty((room, kernels.LISTED_WIDTH), dtype=np.int64)
+        key_room = min(room * 32, 1 << 19)
+        while True:
+            listed_keys = np.empty(key_room + kernels.BLOCK_PAYLOAD_WORDS, dtype=np.int64)
+            now = self._now_ms()
+            result = self._call(kernels.list_rows, wanted, needle_array, cursor, LIST_SCAN_ROWS, now, _pid(), listed,
+                                listed_keys)
+            if result[0] > 0 or result[2] == 0:
+                break
+            key_room = int(result[2])  # the next key alone is longer than the buffer
+        next_cursor = None if result[1] < 0 else int(result[1])
+        return listed[: int(result[0])], listed_keys.view(np.uint8), now, next_cursor
 
     def sweep(self, max_rows: int = SWEEP_ROWS) -> int:
         """Release expired reservations and reclaim rows (idle for a window after their window ended)
@@ -310,6 +370,11 @@ class MemoryStorage(Storage):
                 statuses.append(CounterStatus(Counter(limit, values), used, (expires - now) / 1000 if expires else 0.0,
                                               reserved))
         return Decision(plan.limits[code] if code >= 0 else None, statuses), out
+
+
+def _counter_at(limit: Limit, key_bytes: np.ndarray, first_word: int, length: int) -> Counter:
+    qualifier = key_bytes[8 * first_word : 8 * first_word + length].tobytes().decode("utf-8")
+    return Counter(limit, Counter.values_from_qualifier(limit, qualifier))
 
 
 def _cursor_row(cursor: str | None) -> int:
