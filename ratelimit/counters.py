@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ratelimit.limits import Limit
 
@@ -64,10 +65,11 @@ class CounterStatus:
         """How far unconditional reports pushed the counter past max_value."""
         return max(0, self.value - self.limit.max_value)
 
-    def to_dict(self) -> dict[str, object]:
-        """Limitador's `/counters` JSON shape, plus our `overshoot` and `reserved` fields."""
+    def to_dict(self, limit: dict[str, Any] | None = None) -> dict[str, object]:
+        """Limitador's `/counters` JSON shape, plus our `overshoot` and `reserved` fields; `limit`
+        is the limit's `to_dict()` when the caller already made it (listings: once per limit)."""
         return {
-            "limit": self.limit.to_dict(),
+            "limit": limit if limit is not None else self.limit.to_dict(),
             "set_variables": self.counter.set_variables,
             "remaining": self.remaining,
             "expires_in_seconds": int(self.expires_in + 0.999),

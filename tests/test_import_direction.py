@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("ratelimit", "exporter", "dashboards")
 
-CORE = ("ratelimit.limits", "ratelimit.cel", "ratelimit.counters", "ratelimit.engine", "ratelimit.storage")
+CORE = ("ratelimit.limits", "ratelimit.cel", "ratelimit.counters", "ratelimit.engine", "ratelimit.storage", "ratelimit.pacing")
 CORE_MAY_NOT_IMPORT = (
     "ratelimit.server", "ratelimit.sources", "ratelimit.metrics", "ratelimit.cli", "ratelimit.demo",
     "exporter", "dashboards", "prometheus_client",

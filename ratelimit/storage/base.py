@@ -6,7 +6,6 @@ decision atomic (one numba kernel call under a lock in memory, one Lua script in
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any, TypeVar
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation
 from ratelimit.limits import Limit
+from ratelimit.pacing import Pace
 from ratelimit.storage.summary import CounterSummary, summarize
 
 SUMMARY_PAGE = 250
@@ -167,13 +167,14 @@ class Storage(ABC):
         between pages; raises StorageError when a page cannot be read (never a partial summary)."""
         statuses: list[CounterStatus] = []
         cursor: str | None = None
+        pace = Pace()
         while True:
             page = await self.get_counters_page(limits, cursor, SUMMARY_PAGE)
             statuses.extend(page.counters)
             cursor = page.next_cursor
             if cursor is None:
                 return summarize(statuses, top_n, thresholds)
-            await asyncio.sleep(0)
+            await pace.rest()
 
     @property
     def status(self) -> StorageStatus:

@@ -17,7 +17,6 @@ Counters of limits that a reload removes stay for one window, so a limit that co
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import random
@@ -28,6 +27,7 @@ import numpy as np
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError, StorageFullError
 from ratelimit.limits import Identity, Limit
+from ratelimit.pacing import Pace
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
 from ratelimit.storage.summary import CounterSummary, LimitSummary
@@ -88,13 +88,19 @@ class MemoryStorage(Storage):
         self._max_values = np.zeros(self.table.limit_slots, dtype=np.int64)
         self._no_by_identity: dict[Identity, int] = {}
         self._limit_by_no: dict[int, Limit] = {}
+        self._hash_by_identity: dict[Identity, tuple[int, int]] = {}
         self._generation = 0
 
     # -- configuration ---------------------------------------------------------------------------
 
     def configure(self, limits: Sequence[Limit]) -> None:
         current = {limit.identity: limit for limit in limits}
-        ids = np.array([_identity_hash(limit) for limit in current.values()], dtype=np.int64).reshape(-1, 2)
+        # Hashing is most of a reload's time here (tens of ms for thousands of limits): kept per identity.
+        known = self._hash_by_identity
+        self._hash_by_identity = {
+            identity: known.get(identity) or _identity_hash(limit) for identity, limit in current.items()
+        }
+        ids = np.array(list(self._hash_by_identity.values()), dtype=np.int64).reshape(-1, 2)
         windows = np.array([limit.seconds * 1000 for limit in current.values()], dtype=np.int64)
         retire = np.array([no for identity, no in self._no_by_identity.items() if identity not in current],
                           dtype=np.int64)
@@ -196,18 +202,19 @@ class MemoryStorage(Storage):
         """`summarize` over every live counter of `limits`, computed from the table in numpy: a
         Python object only for the busiest `top_n` counters. The table is scanned in chunks of
         LIST_SCAN_ROWS rows (each under the lock for a fraction of a millisecond), the event loop
-        free in between; counters that change meanwhile are seen before or after."""
+        free in between (paced: ratelimit.pacing); counters that change meanwhile are seen before or after."""
+        pace = Pace()
         wanted, limit_of_no = self._wanted(limits)
-        numbers, used, max_values, expiring, candidates = [], [], [], [], []
+        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # limit no, used, max, reset
+        candidates: list[tuple[int, int, CounterStatus]] = []  # (-used, position in the listing, status)
         seen = 0
         cursor: int | None = 0 if limit_of_no else None
         while cursor is not None:
             listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, LIST_SCAN_ROWS)
+            numbers = listed[:, 1]
             chunk_used = listed[:, 2] + listed[:, 4]
-            numbers.append(listed[:, 1])
-            used.append(chunk_used)
-            max_values.append(self._max_values[listed[:, 1]])
-            expiring.append(np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0))
+            resets = np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0)
+            chunks.append((numbers, chunk_used, self._max_values[numbers], resets))
             # The busiest of the whole table are among the busiest of each chunk.
             for k in np.argsort(-chunk_used, kind="stable")[:top_n].tolist():
                 _, no, value, expires, reserved, length, first_word = listed[k].tolist()
@@ -215,35 +222,40 @@ class MemoryStorage(Storage):
                 status = CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved)
                 candidates.append((-(value + reserved), seen + k, status))
             seen += len(listed)
-            await asyncio.sleep(0)
+            await pace.rest()
         candidates.sort(key=lambda candidate: candidate[:2])
         busiest = candidates[:top_n]
-        if not seen:
-            return CounterSummary([status for _, _, status in busiest], {})
-        no_all = np.concatenate(numbers)
-        used_all = np.concatenate(used)
-        max_all = np.concatenate(max_values)
-        expires_all = np.concatenate(expiring)
-        other = np.ones(seen, dtype=np.bool_)
-        other[np.array([position for _, position, _ in busiest], dtype=np.int64)] = False
+        chosen = np.array(sorted(position for _, position, _ in busiest), dtype=np.int64)
+        # Totals per limit number, added up chunk by chunk (each a fraction of a millisecond).
         slots = self.table.limit_slots
-        counts = np.bincount(no_all, minlength=slots)
-        ratios = np.divide(used_all, max_all, out=np.ones(seen), where=max_all > 0)
-        reached = [np.bincount(no_all[ratios >= threshold], minlength=slots) for threshold in thresholds]
-        others = np.bincount(no_all[other], minlength=slots)
-        sums = [np.zeros(slots, dtype=np.int64) for _ in range(3)]
-        remaining = np.clip(max_all - used_all, 0, max_all)
-        for total, column in zip(sums, (max_all, used_all, remaining), strict=True):
-            np.add.at(total, no_all[other], column[other])
+        counts = np.zeros(slots, dtype=np.int64)
+        reached = np.zeros((len(thresholds), slots), dtype=np.int64)
+        others = np.zeros(slots, dtype=np.int64)
+        sums = np.zeros((3, slots), dtype=np.int64)  # max_value, used, remaining of the others
         soonest = np.full(slots, np.inf)
-        np.minimum.at(soonest, no_all[other], expires_all[other])
-        summaries = {}
-        for no in np.flatnonzero(counts).tolist():
-            summaries[limit_of_no[no]] = LimitSummary(
-                counters=int(counts[no]), at_or_above=[int(r[no]) for r in reached], others=int(others[no]),
-                others_max_value=int(sums[0][no]), others_used=int(sums[1][no]), others_remaining=int(sums[2][no]),
+        offset = 0
+        for numbers, chunk_used, max_values, resets in chunks:
+            counts += np.bincount(numbers, minlength=slots)
+            ratios = np.divide(chunk_used, max_values, out=np.ones(len(numbers)), where=max_values > 0)
+            for k, threshold in enumerate(thresholds):
+                reached[k] += np.bincount(numbers[ratios >= threshold], minlength=slots)
+            other = np.ones(len(numbers), dtype=np.bool_)
+            other[chosen[(chosen >= offset) & (chosen < offset + len(numbers))] - offset] = False
+            offset += len(numbers)
+            numbers, chunk_used, max_values, resets = numbers[other], chunk_used[other], max_values[other], resets[other]
+            others += np.bincount(numbers, minlength=slots)
+            for row, column in enumerate((max_values, chunk_used, np.clip(max_values - chunk_used, 0, max_values))):
+                np.add.at(sums[row], numbers, column)
+            np.minimum.at(soonest, numbers, resets)
+            await pace.rest()
+        summaries = {
+            limit_of_no[no]: LimitSummary(
+                counters=int(counts[no]), at_or_above=[int(r) for r in reached[:, no]], others=int(others[no]),
+                others_max_value=int(sums[0, no]), others_used=int(sums[1, no]), others_remaining=int(sums[2, no]),
                 others_reset=float(soonest[no]) if others[no] else 0.0,
             )
+            for no in np.flatnonzero(counts).tolist()
+        }
         return CounterSummary([status for _, _, status in busiest], summaries)
 
     def _wanted(self, limits: Sequence[Limit]) -> tuple[np.ndarray, dict[int, Limit]]:
