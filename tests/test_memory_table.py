@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit.counters import StorageFullError
+from ratelimit.counters import StorageError, StorageFullError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
-from ratelimit.storage import memory
+from ratelimit.storage import kernels, memory
 from ratelimit.storage.memory import MemoryStorage
 from ratelimit.storage.summary import summarize
 from ratelimit.storage.table import CounterTable
@@ -228,3 +228,82 @@ def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int
     assert [(s.counter, s.value, s.reserved, s.expires_in) for s in got.busiest] == \
         [(s.counter, s.value, s.reserved, s.expires_in) for s in expected.busiest]
     assert got.limits == expected.limits
+
+
+def _small_registry(clock: Clock) -> MemoryStorage:
+    """A table with 64 limit slots: 64 limits fill its registry."""
+    return MemoryStorage(table=CounterTable.create(1000, limit_slots=64), clock=clock)
+
+
+def test_numbers_of_removed_limits_are_reused_once_their_counters_are_gone() -> None:
+    """A long-running service that reloads ever new limits keeps going: 1200 distinct limits pass
+    through a 64-limit registry, 12 at a time, each charged before the next reload removes it."""
+    clock = Clock()
+    storage = _small_registry(clock)
+    engine = RateLimiter(storage)
+    for reload in range(100):
+        limits = [Limit(f"tenant-{reload}-{i}", 5, 60, (), (USER,), name=f"l{i}") for i in range(12)]
+        engine.configure_with(limits)
+        for limit in limits:
+            decision = run(engine.check_and_report(limit.namespace, [{"user": "alice"}], 2, load_counters=True))
+            assert [s.value for s in decision.counters] == [2]  # a fresh counter, nothing inherited
+        # Reloads 5 minutes apart: the limits of the last two are still within window + grace (36 slots
+        # with the current ones); older ones' slots are freed for new limits.
+        clock.now += 300
+    stats = storage.stats()
+    assert stats.limits_freed > 1000 and stats.limits <= 64
+
+
+def test_a_removed_limit_keeps_its_number_while_it_has_counters() -> None:
+    """Numbers are reused only when their counters are gone: a full registry of limits removed
+    within their window is refused with what the cap is, and a limit that comes back resumes."""
+    clock = Clock()
+    storage = _small_registry(clock)
+    engine = RateLimiter(storage)
+    kept = Limit("kept", 10, 3600, (), (USER,), name="hourly")
+    engine.configure_with([kept])
+    run(engine.report("kept", [{"user": "alice"}], 7))
+    others = [Limit(f"other-{i}", 5, 60, (), (USER,)) for i in range(63)]
+    engine.configure_with(others)  # `kept` is removed (retired): all 64 slots taken
+    engine.configure_with(others[:1])  # 62 more removed, never charged
+    clock.now += 60 + kernels.REUSE_GRACE_MS / 1000 + 1  # their windows and the grace have passed...
+    engine.configure_with([others[0], Limit("new", 5, 60, (), (USER,))])  # ...so their slots are freed
+    assert storage.stats().limits_freed == 62
+    engine.configure_with([kept])
+    [counter] = run(engine.get_counters("kept"))
+    assert counter.value == 7  # `kept`'s hour is not over: its number and counter were kept
+
+    clock.now += 1  # a registry of limits that are all configured or counting is full, and says so
+    with pytest.raises(StorageError, match="the limit registry is full: 64 limits asked for, and of its 64 slots"):
+        storage.configure([Limit(f"many-{i}", 5, 60, (), (USER,)) for i in range(64)])  # + `kept`'s
+    [counter] = run(engine.get_counters("kept"))
+    assert counter.value == 7  # the refused reload changed nothing
+
+
+def test_a_stale_worker_does_not_retire_a_reused_number() -> None:
+    """Two storages on one table (two workers): one still holds a limit the other removed; once its
+    number is reused, the stale storage's own reload must not retire the new limit holding it."""
+    clock = Clock()
+    table = CounterTable.create(1000, limit_slots=64)
+    first, second = MemoryStorage(table=table, clock=clock), MemoryStorage(table=table, clock=clock)
+    old = Limit("old", 5, 60, (), (USER,))
+    first.configure([old])
+    second.configure([old])
+    fillers = [Limit(f"f{i}", 5, 60, (), (USER,)) for i in range(63)]
+    first.configure(fillers)  # `old` retired; the registry is full
+    clock.now += 60 + kernels.REUSE_GRACE_MS / 1000 + 1
+    new = Limit("new", 5, 3600, (), (USER,))
+    first.configure([*fillers, new])  # `new` takes the only slot freed: `old`'s
+    engine = RateLimiter(first)
+    engine.configure_with([*fillers, new])
+    run(engine.report("new", [{"user": "bob"}], 3))
+    second.configure([*fillers, new])  # `second` retires what it knew as `old`: not `new`'s number
+    slot = table.words[kernels.H_OFF_LIMITS] + first._no_by_identity[new.identity] * kernels.LIMIT_WIDTH
+    assert table.words[slot + kernels.STATE] == kernels.LIMIT_ACTIVE  # retired, it could be freed while in use
+    [counter] = run(engine.get_counters("new"))
+    assert counter.value == 3
+    engine.configure_with([new])  # the fillers go; after their window and the grace, their slots
+    clock.now += 61 + kernels.REUSE_GRACE_MS / 1000  # are freed, and `new`'s is not
+    engine.configure_with([new, Limit("newer", 5, 60, (), (USER,))])
+    run(engine.report("new", [{"user": "bob"}], 1))
+    assert [c.value for c in run(engine.get_counters("new"))] == [4]

@@ -17,7 +17,10 @@ refusal counts), then:
                 BLOCK_PAYLOAD_WORDS words of the key's bytes (the counter's variable values), so
                 listing recovers every key without a Python object per counter.
 - limits        limit_slots x LIMIT_WIDTH: a limit identity's 128-bit hash, its window, its state;
-                open addressing on the hash, the slot number is the limit number.
+                the slot number is the limit number. Looked up only by register_limits (a reload),
+                in one pass over all slots, so any free slot can take a new limit. A limit a reload
+                removed is retired (its counters stay for its window, so it resumes if it comes
+                back); once no row holds its number any more, its slot is freed for a new limit.
 - reservations  reservation_slots x RES_WIDTH: tag (0 = free), amount, expiry, first hold.
 - holds         hold_slots x 2: the rows a reservation holds, as a chain.
 - heap          heap_slots x 3: reservation expiries, a binary min-heap with lazy deletion.
@@ -55,6 +58,10 @@ INLINE_BYTES = 8 * INLINE_WORDS
 LIMIT_WIDTH = 5
 ID_HIGH, ID_LOW, WINDOW_MS, STATE, RETIRED_UNTIL = range(LIMIT_WIDTH)
 LIMIT_FREE, LIMIT_ACTIVE, LIMIT_RETIRED = 0, 1, 2
+REUSE_GRACE_MS = 600_000
+"""A retired limit number is reused at the earliest this long after its window ran out: every
+worker has applied the reload that removed it by then (each polls the limits file every second or
+so), so no worker still charges counters under the old number."""
 RES_WIDTH = 5
 TAG, AMOUNT, RES_EXPIRES, FIRST_HOLD, NEXT_FREE = range(RES_WIDTH)
 HOLD_WIDTH = 2
@@ -97,13 +104,14 @@ H_HEAP_COUNT = 31
 H_SWEEP_CURSOR = 32
 H_NEXT_RECLAIM = 33  # no row can be reclaimed before this time (a lower bound)
 H_CYCLE_MIN = 34  # the earliest reclaim time seen by the sweep cycle under way
-H_LIMITS_USED = 35
+H_LIMITS_USED = 35  # limit slots not free (active or retired)
 H_LOCK_BUSY = 36  # times a caller found the lock taken past its spin (contention)
 H_LOCK_STOLEN = 37  # times the lock was taken over from a dead holder
 H_REFUSED_ROWS = 40  # refusals by reason: no row for a new counter
 H_REFUSED_KEY_BYTES = 41  # no key blocks left for a new counter's key
 H_REFUSED_RESERVATIONS = 42  # no reservation slot or holds left
 H_FREED_ROWS = 43  # rows reclaimed so far (idle for a window after their window ended)
+H_LIMITS_FREED = 44  # limit slots freed for new limits after their removed limit's counters were gone
 REFUSAL_REASONS = {"rows": H_REFUSED_ROWS, "key_bytes": H_REFUSED_KEY_BYTES, "reservations": H_REFUSED_RESERVATIONS}
 
 # Decision modes: Operation's numbers as plain ints, which numba folds into the kernels as constants
@@ -820,41 +828,110 @@ def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, cursor:
 
 
 @njit(cache=True, nogil=True)
-def register_limits(words: np.ndarray, ids: np.ndarray, windows: np.ndarray, retire: np.ndarray, now: int,
-                    pid: int, numbers: np.ndarray, out: np.ndarray) -> None:
+def _free_limit_numbers(words: np.ndarray, now: int) -> None:
+    """Free the slots of retired limits whose counters are gone (when a reload needs room).
+
+    One pass over the rows: a row of a retired limit whose window has ended and that holds nothing
+    is freed (it could only resume a limit that came back, as an empty counter); any other row keeps
+    its limit number. A retired limit past its window and REUSE_GRACE_MS with no row left is freed."""
+    _release_expired(words, now)
+    limits = words[H_OFF_LIMITS]
+    slots = words[H_LIMIT_SLOTS]
+    rows = words[H_OFF_ROWS]
+    held = np.zeros(slots, dtype=np.bool_)
+    for row in range(words[H_ROWS_USED]):
+        at = rows + row * ROW_WIDTH
+        no = words[at + LIMIT_NO]
+        if no < 0:
+            continue
+        if (words[limits + no * LIMIT_WIDTH + STATE] == LIMIT_RETIRED and words[at + EXPIRES_AT] <= now
+                and words[at + RESERVED] == 0):
+            _free_row(words, row)
+        else:
+            held[no] = True
+    for no in range(slots):
+        at = limits + no * LIMIT_WIDTH
+        if (words[at + STATE] == LIMIT_RETIRED and not held[no]
+                and now >= words[at + RETIRED_UNTIL] + REUSE_GRACE_MS):
+            for j in range(LIMIT_WIDTH):
+                words[at + j] = 0  # LIMIT_FREE
+            words[H_LIMITS_USED] -= 1
+            words[H_LIMITS_FREED] += 1
+
+
+@njit(cache=True, nogil=True)
+def _free_slots(words: np.ndarray, wanted: int, into: np.ndarray) -> int:
+    """The first `wanted` free limit slots, into `into`; how many there were."""
+    limits = words[H_OFF_LIMITS]
+    found = 0
+    for slot in range(words[H_LIMIT_SLOTS]):
+        if found == wanted:
+            break
+        if words[limits + slot * LIMIT_WIDTH + STATE] == LIMIT_FREE:
+            into[found] = slot
+            found += 1
+    return found
+
+
+@njit(cache=True, nogil=True)
+def register_limits(words: np.ndarray, ids: np.ndarray, windows: np.ndarray, retire: np.ndarray,
+                    retire_ids: np.ndarray, now: int, pid: int, numbers: np.ndarray, out: np.ndarray) -> None:
     """Find or add each limit identity (ids[k] = its 128-bit hash as two int64) and mark it active;
-    mark the limit numbers in `retire` retired for one window. numbers[k] = -1 when the registry is full."""
+    mark the limit numbers in `retire` retired for one window, each only if it still holds the
+    identity `retire_ids` names (another worker may have given the number to a new limit since).
+
+    One pass over the slots finds the known identities (a binary search among the sorted new ones
+    per slot: about a millisecond for 65,536 slots); new ones take free slots. All or nothing: when
+    there are not enough free slots even after freeing those of removed limits whose counters are
+    gone, nothing is registered and every numbers[k] is -1."""
     if not _lock(words, pid):
         out[R_CODE] = BUSY
         return
     limits = words[H_OFF_LIMITS]
-    slots = words[H_LIMIT_SLOTS]
-    for k in range(ids.shape[0]):
-        high, low = ids[k, 0], ids[k, 1]
-        slot = low & (slots - 1)
-        numbers[k] = -1
-        for _ in range(slots):
-            at = limits + slot * LIMIT_WIDTH
-            if words[at + STATE] == LIMIT_FREE:
-                if words[H_LIMITS_USED] * 4 >= slots * 3:
-                    break  # keep probe runs short: three quarters full is full
-                words[H_LIMITS_USED] += 1
-                words[at + ID_HIGH] = high
-                words[at + ID_LOW] = low
-                words[at + WINDOW_MS] = windows[k]
-                numbers[k] = slot
-                break
-            if words[at + ID_HIGH] == high and words[at + ID_LOW] == low:
-                numbers[k] = slot
-                break
-            slot = (slot + 1) & (slots - 1)
-        if numbers[k] >= 0:
+    n = ids.shape[0]
+    order = np.argsort(ids[:, 0])
+    highs = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        highs[i] = ids[order[i], 0]
+    numbers[:] = -1
+    for slot in range(words[H_LIMIT_SLOTS]):
+        at = limits + slot * LIMIT_WIDTH
+        if words[at + STATE] == LIMIT_FREE:
+            continue
+        i = np.searchsorted(highs, words[at + ID_HIGH])
+        while i < n and highs[i] == words[at + ID_HIGH]:
+            if ids[order[i], 1] == words[at + ID_LOW]:
+                numbers[order[i]] = slot
+            i += 1
+    missing = 0
+    for k in range(n):
+        if numbers[k] < 0:
+            missing += 1
+    free = np.empty(missing, dtype=np.int64)
+    if missing and _free_slots(words, missing, free) < missing:
+        _free_limit_numbers(words, now)
+        if _free_slots(words, missing, free) < missing:
+            numbers[:] = -1
+            out[R_CODE] = WITHIN
+            _unlock(words)
+            return
+    taken = 0
+    for k in range(n):
+        if numbers[k] < 0:
+            numbers[k] = free[taken]
+            taken += 1
             at = limits + numbers[k] * LIMIT_WIDTH
-            words[at + STATE] = LIMIT_ACTIVE
-            words[at + RETIRED_UNTIL] = 0
+            words[at + ID_HIGH] = ids[k, 0]
+            words[at + ID_LOW] = ids[k, 1]
+            words[at + WINDOW_MS] = windows[k]
+            words[H_LIMITS_USED] += 1
+        at = limits + numbers[k] * LIMIT_WIDTH
+        words[at + STATE] = LIMIT_ACTIVE
+        words[at + RETIRED_UNTIL] = 0
     for k in range(retire.shape[0]):
         at = limits + retire[k] * LIMIT_WIDTH
-        if words[at + STATE] == LIMIT_ACTIVE:
+        if (words[at + STATE] == LIMIT_ACTIVE and words[at + ID_HIGH] == retire_ids[k, 0]
+                and words[at + ID_LOW] == retire_ids[k, 1]):
             words[at + STATE] = LIMIT_RETIRED
             words[at + RETIRED_UNTIL] = now + words[at + WINDOW_MS]
     out[R_CODE] = WITHIN

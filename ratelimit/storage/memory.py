@@ -102,14 +102,18 @@ class MemoryStorage(Storage):
         }
         ids = np.array(list(self._hash_by_identity.values()), dtype=np.int64).reshape(-1, 2)
         windows = np.array([limit.seconds * 1000 for limit in current.values()], dtype=np.int64)
-        retire = np.array([no for identity, no in self._no_by_identity.items() if identity not in current],
-                          dtype=np.int64)
+        removed = [(no, identity) for identity, no in self._no_by_identity.items() if identity not in current]
+        retire = np.array([no for no, _ in removed], dtype=np.int64)
+        retire_ids = np.array([_identity_hash(self._limit_by_no[no]) for no, _ in removed],
+                              dtype=np.int64).reshape(-1, 2)
         nos = np.zeros(len(current), dtype=np.int64)
-        self._call(kernels.register_limits, ids, windows, retire, self._now_ms(), _pid(), nos)
+        self._call(kernels.register_limits, ids, windows, retire, retire_ids, self._now_ms(), _pid(), nos)
         if (nos < 0).any():
             raise StorageError(
-                f"memory storage: the limit registry is full ({self.table.limit_slots} limit identities); "
-                "restart with fewer distinct limits"
+                f"memory storage: the limit registry is full: {len(current)} limits asked for, and of its "
+                f"{self.table.limit_slots} slots the others hold limits configured, or removed less than their "
+                f"window plus {kernels.REUSE_GRACE_MS // 60_000} minutes ago or still holding counters (a "
+                "removed limit's slot is freed after that); reload fewer limits, or wait"
             )
         by_identity = {}
         by_no = {}

@@ -102,6 +102,10 @@ class TableStats:
     reservations: int
     reservation_slots: int
     limits: int
+    """Limit slots taken (configured, or removed and still holding counters or within their window)."""
+    limit_slots: int
+    limits_freed: int
+    """Slots of removed limits freed for new limits once their counters were gone."""
     refusals: dict[str, int]
     freed_rows: int
     lock_busy: int
@@ -238,6 +242,8 @@ class CounterTable:
             reservations=int(header[k.H_LIVE_RES]),
             reservation_slots=int(header[k.H_RES_SLOTS]),
             limits=int(header[k.H_LIMITS_USED]),
+            limit_slots=self.limit_slots,
+            limits_freed=int(header[k.H_LIMITS_FREED]),
             refusals={reason: int(header[word]) for reason, word in k.REFUSAL_REASONS.items()},
             freed_rows=int(header[k.H_FREED_ROWS]),
             lock_busy=int(header[k.H_LOCK_BUSY]),
@@ -269,7 +275,8 @@ def warm_up() -> None:
     out = np.zeros(k.RESULT_WORDS + k.STATE_WIDTH, dtype=np.int64)
     ids = np.array([[1, 2]], dtype=np.int64)
     numbers = np.zeros(1, dtype=np.int64)
-    k.register_limits(words, ids, np.array([1000], dtype=np.int64), np.zeros(0, dtype=np.int64), 0, 1, numbers, out)
+    k.register_limits(words, ids, np.array([1000], dtype=np.int64), np.zeros(0, dtype=np.int64),
+                      np.zeros((0, 2), dtype=np.int64), 0, 1, numbers, out)
     max_values = np.full(8, 10, dtype=np.int64)
     plan = np.array([1, numbers[0], 4, 0, int.from_bytes(b"warm", "little")], dtype=np.int64)
     for mode in (k.CHECK, k.CHECK_AND_UPDATE, k.UPDATE, k.RESERVE, k.COMMIT):
