@@ -41,6 +41,7 @@ LIST_SCAN_ROWS = 1 << 15
 LIST_ROWS_PER_PAGE = 1 << 18
 """Rows one page scans at most, so a page that matches little still returns (with a cursor) soon."""
 SWEEP_ROWS = 1 << 16
+_IDENTITY_HASHES_KEPT = 1 << 16
 
 Clock = Callable[[], float]
 
@@ -95,16 +96,19 @@ class MemoryStorage(Storage):
 
     def configure(self, limits: Sequence[Limit]) -> None:
         current = {limit.identity: limit for limit in limits}
-        # Hashing is most of a reload's time here (tens of ms for thousands of limits): kept per identity.
+        # Hashing is most of a reload's time here (tens of ms for thousands of limits): remembered per
+        # identity, across reloads (a reload mostly brings back identities seen before).
         known = self._hash_by_identity
-        self._hash_by_identity = {
-            identity: known.get(identity) or _identity_hash(limit) for identity, limit in current.items()
-        }
-        ids = np.array(list(self._hash_by_identity.values()), dtype=np.int64).reshape(-1, 2)
+        if len(known) > _IDENTITY_HASHES_KEPT:
+            known.clear()
+        for identity, limit in current.items():
+            if identity not in known:
+                known[identity] = _identity_hash(limit)
+        ids = np.array([known[identity] for identity in current], dtype=np.int64).reshape(-1, 2)
         windows = np.array([limit.seconds * 1000 for limit in current.values()], dtype=np.int64)
         removed = [(no, identity) for identity, no in self._no_by_identity.items() if identity not in current]
         retire = np.array([no for no, _ in removed], dtype=np.int64)
-        retire_ids = np.array([_identity_hash(self._limit_by_no[no]) for no, _ in removed],
+        retire_ids = np.array([known.get(identity) or _identity_hash(self._limit_by_no[no]) for no, identity in removed],
                               dtype=np.int64).reshape(-1, 2)
         nos = np.zeros(len(current), dtype=np.int64)
         self._call(kernels.register_limits, ids, windows, retire, retire_ids, self._now_ms(), _pid(), nos)
