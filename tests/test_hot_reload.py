@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -378,6 +379,42 @@ def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
     # Rebuilt in this process: the compiled conditions work here.
     limit = next(limit for limit in engine.get_limits(NAMESPACE) if limit.name == "limit-7")
     assert limit.predicates[0].test([{"n": "7"}], limit.cel_binding)
+
+
+def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The parser child is killed (-9) between reloads: the next change is parsed in the service's
+    process (logged), applied as usual, and the reload after it starts a new child."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(10))
+    engine = RateLimiter(MemoryStorage(capacity=1024))
+    status = ConfigStatus(source=str(path))
+    watcher = LimitsFileWatcher(path, engine, status, interval=POLL)
+    watcher.load()
+
+    async def applied(max_value: int, version: int) -> None:
+        write_atomically(path, limits_yaml(max_value))
+        deadline = time.monotonic() + 60
+        while status.config_version < version:
+            assert time.monotonic() < deadline, f"not applied: {status}"
+            await asyncio.sleep(POLL)
+        assert engine.get_limits(NAMESPACE)[0].max_value == max_value
+
+    async def scenario() -> set[int]:
+        watcher.start()
+        await applied(20, 2)
+        assert watcher._parser is not None
+        children = {process.pid for process in watcher._parser._processes.values()}
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        await applied(30, 3)  # parsed here: the pool was broken
+        await applied(40, 4)  # a new child
+        assert watcher._parser is not None
+        again = {process.pid for process in watcher._parser._processes.values()}
+        await watcher.stop()
+        return children & again
+
+    assert asyncio.run(scenario()) == set()
+    assert "parser process died" in caplog.text
 
 
 # -- lifecycle ---------------------------------------------------------------------------------------
