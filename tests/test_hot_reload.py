@@ -403,13 +403,13 @@ def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytes
         watcher.start()
         await applied(20, 2)
         assert watcher._parser is not None
-        children = {process.pid for process in watcher._parser._processes.values()}
+        children = {process.pid for process in watcher._parser._processes.values() if process.pid is not None}
         for pid in children:
             os.kill(pid, signal.SIGKILL)
         await applied(30, 3)  # parsed here: the pool was broken
         await applied(40, 4)  # a new child
         assert watcher._parser is not None
-        again = {process.pid for process in watcher._parser._processes.values()}
+        again = {process.pid for process in watcher._parser._processes.values() if process.pid is not None}
         await watcher.stop()
         return children & again
 

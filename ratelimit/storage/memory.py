@@ -223,8 +223,16 @@ class MemoryStorage(Storage):
             chunk_used = listed[:, 2] + listed[:, 4]
             resets = np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0)
             chunks.append((numbers, chunk_used, self._max_values[numbers], resets))
-            # The busiest of the whole table are among the busiest of each chunk.
-            for k in np.argsort(-chunk_used, kind="stable")[:top_n].tolist():
+            # The busiest of the whole table are among the busiest of each chunk; once top_n are
+            # known, only a counter using more than the last of them can displace one (on a tie the
+            # earlier counter stays), so later chunks rarely build any.
+            if len(candidates) >= top_n and top_n:
+                candidates.sort(key=lambda candidate: candidate[:2])
+                del candidates[top_n:]
+                busier = np.flatnonzero(chunk_used > -candidates[-1][0])
+            else:
+                busier = np.arange(len(listed))
+            for k in busier[np.argsort(-chunk_used[busier], kind="stable")][:top_n].tolist():
                 _, no, value, expires, reserved, length, first_word = listed[k].tolist()
                 counter = _counter_at(limit_of_no[no], key_bytes, first_word, length)
                 status = CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved)
