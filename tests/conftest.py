@@ -1,5 +1,6 @@
-"""Loads the shared fixtures for every test (the modules named in `pytest_plugins`), and keeps each
-phase's report on the test item so fixtures can tell whether their test failed.
+"""Loads the shared fixtures for every test (the modules named in `pytest_plugins`), runs the async
+tests on asyncio, and keeps each phase's report on the test item so fixtures can tell whether their
+test failed.
 
 Helpers are imported from those modules and from tests/support.py, never from this file.
 """
@@ -16,6 +17,13 @@ pytest_plugins = [
     "tests.envoy_fixtures",
     "tests.prometheus_fixtures",
 ]
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """`async def` tests (anyio_mode = "auto" in pyproject.toml) run on asyncio, as the service does;
+    anyio's own default would run each once more on trio wherever trio is installed."""
+    return "asyncio"
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

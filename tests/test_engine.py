@@ -28,33 +28,29 @@ def limiter(*limits: Limit, capacity: int = 1000) -> tuple[RateLimiter, Clock]:
     return RateLimiter(MemoryStorage(capacity=capacity, clock=clock), limits), clock
 
 
-def run(coroutine):
-    return asyncio.run(coroutine)
-
-
 def alice(**extra: str) -> list[dict[str, str]]:
     return [{"user": "alice", **extra}]
 
 
-def test_token_budget_admits_until_spent_and_a_limited_request_charges_nothing() -> None:
+async def test_token_budget_admits_until_spent_and_a_limited_request_charges_nothing() -> None:
     engine, _ = limiter(Limit("ns", 300, 300, (), USER))
 
     async def scenario() -> list[bool]:
         return [(await engine.check_and_report("ns", alice(), 100)).limited for _ in range(4)]
 
-    assert run(scenario()) == [False, False, False, True]
-    (status,) = run(engine.get_counters("ns"))
+    assert await scenario() == [False, False, False, True]
+    (status,) = await engine.get_counters("ns")
     assert (status.value, status.remaining) == (300, 0)
 
 
-def test_overshooting_report_keeps_remaining_at_zero_and_shows_the_overshoot() -> None:
+async def test_overshooting_report_keeps_remaining_at_zero_and_shows_the_overshoot() -> None:
     engine, _ = limiter(Limit("ns", 300, 300, (), USER))
-    run(engine.report("ns", alice(), 1000))
-    (status,) = run(engine.get_counters("ns"))
+    await engine.report("ns", alice(), 1000)
+    (status,) = await engine.get_counters("ns")
     assert (status.remaining, status.overshoot, status.to_dict()["remaining"]) == (0, 700, 0)
 
 
-def test_stacked_limits_admit_the_tightest_and_charge_every_counter_only_when_admitted() -> None:
+async def test_stacked_limits_admit_the_tightest_and_charge_every_counter_only_when_admitted() -> None:
     minute = Limit("ns", 5, 60, (), USER, name="minute")
     hour = Limit("ns", 3, 3600, (), USER, name="hour")
     engine, _ = limiter(minute, hour)
@@ -62,61 +58,61 @@ def test_stacked_limits_admit_the_tightest_and_charge_every_counter_only_when_ad
     async def scenario() -> list[Limit | None]:
         return [(await engine.check_and_report("ns", alice())).limited_by for _ in range(5)]
 
-    assert [limit.name if limit else None for limit in run(scenario())] == [None, None, None, "hour", "hour"]
-    used = {status.limit.name: status.value for status in run(engine.get_counters("ns"))}
+    assert [limit.name if limit else None for limit in await scenario()] == [None, None, None, "hour", "hour"]
+    used = {status.limit.name: status.value for status in await engine.get_counters("ns")}
     assert used == {"minute": 3, "hour": 3}
 
 
-def test_window_restarts_after_its_seconds() -> None:
+async def test_window_restarts_after_its_seconds() -> None:
     engine, clock = limiter(Limit("ns", 1, 60, (), USER))
-    assert not run(engine.check_and_report("ns", alice())).limited
-    assert run(engine.check_and_report("ns", alice())).limited
+    assert not (await engine.check_and_report("ns", alice())).limited
+    assert (await engine.check_and_report("ns", alice())).limited
     clock.now += 59.999
-    assert run(engine.check_and_report("ns", alice())).limited
+    assert (await engine.check_and_report("ns", alice())).limited
     clock.now += 0.001
-    assert not run(engine.check_and_report("ns", alice())).limited
+    assert not (await engine.check_and_report("ns", alice())).limited
 
 
-def test_check_is_read_only_and_passes_while_budget_is_left() -> None:
+async def test_check_is_read_only_and_passes_while_budget_is_left() -> None:
     engine, _ = limiter(Limit("ns", 2, 60, (), USER))
-    assert not run(engine.check("ns", alice(), 0)).limited
-    run(engine.report("ns", alice(), 1))
-    assert not run(engine.check("ns", alice(), 0)).limited
-    run(engine.report("ns", alice(), 1))
-    assert run(engine.check("ns", alice(), 0)).limited
-    (status,) = run(engine.get_counters("ns"))
+    assert not (await engine.check("ns", alice(), 0)).limited
+    await engine.report("ns", alice(), 1)
+    assert not (await engine.check("ns", alice(), 0)).limited
+    await engine.report("ns", alice(), 1)
+    assert (await engine.check("ns", alice(), 0)).limited
+    (status,) = await engine.get_counters("ns")
     assert status.value == 2
 
 
-def test_unresolvable_variable_or_false_condition_means_the_limit_does_not_apply() -> None:
+async def test_unresolvable_variable_or_false_condition_means_the_limit_does_not_apply() -> None:
     engine, _ = limiter(Limit("ns", 0, 60, ("descriptors[0]['model'] == 'm'",), USER))
-    assert not run(engine.check_and_report("ns", [{"user": "alice", "model": "other"}])).limited
-    assert not run(engine.check_and_report("ns", [{"model": "m"}])).limited
-    assert run(engine.check_and_report("ns", [{"user": "alice", "model": "m"}])).limited
-    assert not run(engine.check_and_report("unknown-namespace", alice())).limited
+    assert not (await engine.check_and_report("ns", [{"user": "alice", "model": "other"}])).limited
+    assert not (await engine.check_and_report("ns", [{"model": "m"}])).limited
+    assert (await engine.check_and_report("ns", [{"user": "alice", "model": "m"}])).limited
+    assert not (await engine.check_and_report("unknown-namespace", alice())).limited
 
 
-def test_reservations_hold_budget_and_commit_replaces_them_by_the_actual_amount() -> None:
+async def test_reservations_hold_budget_and_commit_replaces_them_by_the_actual_amount() -> None:
     engine, clock = limiter(Limit("ns", 100, 300, (), USER))
-    first = run(engine.reserve("ns", alice(), 60, ttl_seconds=30))
+    first = await engine.reserve("ns", alice(), 60, ttl_seconds=30)
     assert first.reservation_id and not first.limited
-    second = run(engine.reserve("ns", alice(), 60, ttl_seconds=30))
+    second = await engine.reserve("ns", alice(), 60, ttl_seconds=30)
     assert second.limited and second.reservation_id is None
-    committed = run(engine.commit("ns", alice(), first.reservation_id, 25))
+    committed = await engine.commit("ns", alice(), first.reservation_id, 25)
     assert committed.held
     assert [(s.value, s.reserved, s.remaining) for s in committed.counters] == [(25, 0, 75)]
     # An expired reservation releases itself; committing it later still charges what was used.
-    late = run(engine.reserve("ns", alice(), 70, ttl_seconds=10))
+    late = await engine.reserve("ns", alice(), 70, ttl_seconds=10)
     clock.now += 10
-    assert not run(engine.check_and_report("ns", alice(), 70)).limited
-    answer = run(engine.commit("ns", alice(), late.reservation_id, 5))
+    assert not (await engine.check_and_report("ns", alice(), 70)).limited
+    answer = await engine.commit("ns", alice(), late.reservation_id or "", 5)
     assert answer.held is False
     assert [s.value for s in answer.counters] == [100]
 
 
-def test_rate_limit_headers_follow_limitadors_format() -> None:
+async def test_rate_limit_headers_follow_limitadors_format() -> None:
     engine, _ = limiter(Limit("ns", 5, 60, (), USER, name="minute"), Limit("ns", 3, 3600, (), USER))
-    decision = run(engine.check_and_report("ns", alice(), load_counters=True))
+    decision = await engine.check_and_report("ns", alice(), load_counters=True)
     assert decision.rate_limit_headers() == {
         "X-RateLimit-Limit": '3, 3;w=3600, 5;w=60;name="minute"',
         "X-RateLimit-Remaining": "2",
@@ -142,22 +138,22 @@ def test_64_threads_get_exactly_the_limit_admitted() -> None:
     assert sum(admitted) == 1000
 
 
-def test_full_table_refuses_new_keys_first_and_reuses_rows_idle_for_a_window() -> None:
+async def test_full_table_refuses_new_keys_first_and_reuses_rows_idle_for_a_window() -> None:
     engine, clock = limiter(Limit("ns", 5, 60, (), USER), capacity=2)
-    run(engine.report("ns", [{"user": "a"}], 1))
-    run(engine.report("ns", [{"user": "b"}], 1))
+    await engine.report("ns", [{"user": "a"}], 1)
+    await engine.report("ns", [{"user": "b"}], 1)
     with pytest.raises(StorageFullError, match="full"):
-        run(engine.report("ns", [{"user": "c"}], 1))
+        await engine.report("ns", [{"user": "c"}], 1)
     clock.now += 60  # a's and b's windows just ended: they keep their rows, the new key is refused
     with pytest.raises(StorageFullError, match="new keys are refused"):
-        run(engine.check_and_report("ns", [{"user": "c"}], 1))
-    assert not run(engine.check_and_report("ns", [{"user": "a"}], 1)).limited
+        await engine.check_and_report("ns", [{"user": "c"}], 1)
+    assert not (await engine.check_and_report("ns", [{"user": "a"}], 1)).limited
     clock.now += 60  # b idle for a whole window after its window: its row goes to the new key
-    run(engine.report("ns", [{"user": "c"}], 1))
-    assert [s.counter.values for s in run(engine.get_counters("ns"))] == [("c",)]
-    assert not run(engine.check_and_report("ns", [{"user": "a"}], 1)).limited  # a still has its row
+    await engine.report("ns", [{"user": "c"}], 1)
+    assert [s.counter.values for s in await engine.get_counters("ns")] == [("c",)]
+    assert not (await engine.check_and_report("ns", [{"user": "a"}], 1)).limited  # a still has its row
     with pytest.raises(StorageFullError):
-        run(engine.report("ns", [{"user": "b"}], 1))  # b is a new key again, and the table is full
+        await engine.report("ns", [{"user": "b"}], 1)  # b is a new key again, and the table is full
     assert engine.storage.refusals["rows"] == 3  # type: ignore[attr-defined]
 
 
@@ -178,33 +174,35 @@ def test_full_table_refuses_new_keys_first_and_reuses_rows_idle_for_a_window() -
         ([{"k": "v"}], 2**64 - 1, "delta"),
     ],
 )
-def test_out_of_bounds_input_is_refused_naming_the_field(descriptors, delta, field) -> None:
+
+
+async def test_out_of_bounds_input_is_refused_naming_the_field(descriptors, delta, field) -> None:
     engine, _ = limiter(Limit("ns", 5, 60, (), USER))
     with pytest.raises(InvalidRequest) as caught:
-        run(engine.check_and_report("ns", descriptors, delta))
+        await engine.check_and_report("ns", descriptors, delta)
     assert caught.value.field == field
 
 
-def test_reload_keeps_counters_of_unchanged_identity_and_drops_removed_ones() -> None:
+async def test_reload_keeps_counters_of_unchanged_identity_and_drops_removed_ones() -> None:
     minute = Limit("ns", 5, 60, (), USER)
     burst = Limit("ns", 50, 10, (), ())
     engine, _ = limiter(minute, burst)
-    run(engine.report("ns", alice(), 4))
+    await engine.report("ns", alice(), 4)
     engine.configure_with([Limit("ns", 10, 60, (), USER, name="raised")])
-    (status,) = run(engine.get_counters("ns"))
+    (status,) = await engine.get_counters("ns")
     assert (status.limit.name, status.value, status.remaining) == ("raised", 4, 6)
 
 
-def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> None:
+async def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> None:
     engine = RateLimiter(MemoryStorage(capacity=100), [Limit("ns", 100, 60, variables=("descriptors[0]['user']",))])
-    reservation = run(engine.reserve("ns", [{"user": "ann"}], 30, 60))
+    reservation = await engine.reserve("ns", [{"user": "ann"}], 30, 60)
     assert reservation.reservation_id is not None
     for namespace, descriptors in (("ns", [{"user": "bob"}]), ("other", [{"user": "ann"}]), ("ns", [])):
         with pytest.raises(InvalidRequest, match="reserved for another namespace or other descriptors") as error:
-            run(engine.commit(namespace, descriptors, reservation.reservation_id, 5))
+            await engine.commit(namespace, descriptors, reservation.reservation_id, 5)
         assert error.value.field == "reservation_id"
     # Nothing was released or charged by the refused commits: ann's hold is intact, bob has nothing.
-    [ann] = run(engine.get_counters("ns"))
+    [ann] = await engine.get_counters("ns")
     assert (ann.value, ann.reserved) == (0, 30)
-    committed = run(engine.commit("ns", [{"user": "ann"}], reservation.reservation_id, 5))
+    committed = await engine.commit("ns", [{"user": "ann"}], reservation.reservation_id, 5)
     assert committed.held and [(s.value, s.reserved) for s in committed.counters] == [(5, 0)]

@@ -6,7 +6,8 @@ jumps to both and compares every answer and every live counter.
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
 from ratelimit.storage.memory import MemoryStorage
 from tests.reference_model import ModelAnswer, ReferenceModel
+from tests.support import OwnLoop
 
 NS = "maas/model"
 PER_USER_MINUTE = Limit(NS, 5, 60, ("descriptors[0]['model'] == 'a'",), ("descriptors[0]['user']",), name="minute")
@@ -28,6 +30,7 @@ OTHER_NS = Limit("other", 2, 5, (), ("descriptors[0]['user']",))
 users = st.sampled_from(["alice", "bob", "carol"])
 models = st.sampled_from(["a", "b", "c"])
 small = st.integers(min_value=0, max_value=6)
+T = TypeVar("T")
 
 
 class EngineMatchesModel(RuleBasedStateMachine):
@@ -46,7 +49,7 @@ class EngineMatchesModel(RuleBasedStateMachine):
         self.engine = RateLimiter(self.storage, self.limits)
         self.model = ReferenceModel(keeps_removed_counters=self.keeps_removed_counters)
         self.model.configure(self.limits)
-        self.loop = asyncio.new_event_loop()
+        self.loop = OwnLoop()
         self.next_id = 0
 
     def make_storage(self) -> MemoryStorage:
@@ -57,8 +60,8 @@ class EngineMatchesModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.loop.close()
 
-    def run(self, coroutine):
-        return self.loop.run_until_complete(coroutine)
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run(coroutine)
 
     def request(self, user: str, model: str, namespace: str = NS) -> tuple[list[dict[str, str]], list[tuple]]:
         descriptors = [{"user": user, "model": model}]

@@ -129,92 +129,77 @@ def in_place(path: Path, text: str) -> None:
 
 
 @pytest.mark.parametrize("replace", [in_place, write_atomically], ids=["in-place write", "atomic rename"])
-def test_replacement_takes_effect(limits_dir: Path, replace: Callable[[Path, str], None]) -> None:
+async def test_replacement_takes_effect(limits_dir: Path, replace: Callable[[Path, str], None]) -> None:
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300))
     harness = Harness(path)
 
-    async def scenario() -> None:
-        async with harness.watcher:
-            replace(path, limits_yaml(3000))
-            await harness.eventually(lambda: max_values(harness.engine) == [3000], "the new max_value")
-
-    asyncio.run(scenario())
+    async with harness.watcher:
+        replace(path, limits_yaml(3000))
+        await harness.eventually(lambda: max_values(harness.engine) == [3000], "the new max_value")
     assert harness.status.config_version == 2
     assert harness.status.config_err_since == 0
 
 
-def test_configmap_symlink_swap_takes_effect(limits_dir: Path) -> None:
+async def test_configmap_symlink_swap_takes_effect(limits_dir: Path) -> None:
     volume = ConfigMapVolume(limits_dir, limits_yaml(300))
     harness = Harness(volume.path)
 
-    async def scenario() -> None:
-        async with harness.watcher:
-            volume.update(limits_yaml(3000))
-            await harness.eventually(lambda: max_values(harness.engine) == [3000], "the first swap")
-            volume.update(limits_yaml(30000))
-            await harness.eventually(lambda: max_values(harness.engine) == [30000], "the second swap")
-
-    asyncio.run(scenario())
+    async with harness.watcher:
+        volume.update(limits_yaml(3000))
+        await harness.eventually(lambda: max_values(harness.engine) == [3000], "the first swap")
+        volume.update(limits_yaml(30000))
+        await harness.eventually(lambda: max_values(harness.engine) == [30000], "the second swap")
     assert harness.status.config_version == 3
 
 
-def test_changed_max_value_keeps_counters(limits_dir: Path) -> None:
+async def test_changed_max_value_keeps_counters(limits_dir: Path) -> None:
     """Identity is (namespace, seconds, conditions, variables): raising max_value keeps what was spent."""
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300))
     harness = Harness(path)
 
-    async def scenario() -> None:
-        assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
-        async with harness.watcher:
-            write_atomically(path, limits_yaml(500, name="freemium-raised"))
-            await harness.eventually(lambda: max_values(harness.engine) == [500], "the raised limit")
-        [counter] = await harness.engine.get_counters(NAMESPACE)
-        assert (counter.value, counter.remaining, counter.limit.name) == (250, 250, "freemium-raised")
-        assert (await harness.engine.check_and_report(NAMESPACE, USER, 251)).limited
-        assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
-
-    asyncio.run(scenario())
+    assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
+    async with harness.watcher:
+        write_atomically(path, limits_yaml(500, name="freemium-raised"))
+        await harness.eventually(lambda: max_values(harness.engine) == [500], "the raised limit")
+    [counter] = await harness.engine.get_counters(NAMESPACE)
+    assert (counter.value, counter.remaining, counter.limit.name) == (250, 250, "freemium-raised")
+    assert (await harness.engine.check_and_report(NAMESPACE, USER, 251)).limited
+    assert not (await harness.engine.check_and_report(NAMESPACE, USER, 250)).limited
 
 
-def test_changed_window_is_a_new_limit_with_fresh_counters(limits_dir: Path) -> None:
+async def test_changed_window_is_a_new_limit_with_fresh_counters(limits_dir: Path) -> None:
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300, seconds=300))
     harness = Harness(path)
 
-    async def scenario() -> None:
-        await harness.engine.check_and_report(NAMESPACE, USER, 250)
-        write_atomically(path, limits_yaml(300, seconds=60))
-        harness.settle()
-        assert await harness.engine.get_counters(NAMESPACE) == []
-
-    asyncio.run(scenario())
+    await harness.engine.check_and_report(NAMESPACE, USER, 250)
+    write_atomically(path, limits_yaml(300, seconds=60))
+    harness.settle()
+    assert await harness.engine.get_counters(NAMESPACE) == []
     assert harness.status.config_version == 2
 
 
 # -- bad files keep the old limits ----------------------------------------------------------------------
 
 
-def test_bad_file_keeps_old_limits_and_is_reported(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_bad_file_keeps_old_limits_and_is_reported(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300))
     harness = Harness(path)
     caplog.set_level(logging.INFO, logger="ratelimit.sources.limits_file")
 
-    async def scenario() -> None:
-        async with harness.watcher:
-            write_atomically(path, BAD_YAML)
-            await harness.eventually(lambda: harness.status.config_err_since == 1, "the failed reload")
-            assert max_values(harness.engine) == [300]
-            # Polling on does not count the same bad content again.
-            for _ in range(5):
-                await asyncio.sleep(POLL)
-            assert harness.status.config_err_since == 1
-            write_atomically(path, limits_yaml(400))
-            await harness.eventually(lambda: max_values(harness.engine) == [400], "the fixed file")
-
-    asyncio.run(scenario())
+    async with harness.watcher:
+        write_atomically(path, BAD_YAML)
+        await harness.eventually(lambda: harness.status.config_err_since == 1, "the failed reload")
+        assert max_values(harness.engine) == [300]
+        # Polling on does not count the same bad content again.
+        for _ in range(5):
+            await asyncio.sleep(POLL)
+        assert harness.status.config_err_since == 1
+        write_atomically(path, limits_yaml(400))
+        await harness.eventually(lambda: max_values(harness.engine) == [400], "the fixed file")
     assert harness.status.config_err_since == 0
     assert harness.status.last_error is None
     assert harness.status.config_version == 2
@@ -290,13 +275,13 @@ def test_half_written_file_is_not_applied(limits_dir: Path) -> None:
     assert harness.status.config_err_since == 0
 
 
-def test_empty_file_is_never_applied(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_empty_file_is_never_applied(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A 0-byte file that stays 0 bytes (a stalled writer, a full disk) keeps the old limits and
     counters; it is reported in the status and logged once as a probable partial write."""
     path = limits_dir / "limits.yaml"
     path.write_text(limits_yaml(300))
     harness = Harness(path)
-    asyncio.run(harness.engine.report(NAMESPACE, USER, 120))
+    await harness.engine.report(NAMESPACE, USER, 120)
     path.write_text("")
     with caplog.at_level(logging.ERROR, logger="ratelimit.sources.limits_file"):
         for _ in range(5):
@@ -306,12 +291,12 @@ def test_empty_file_is_never_applied(limits_dir: Path, caplog: pytest.LogCapture
     assert harness.status.last_error is not None and "partial write" in harness.status.last_error
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "0 bytes" in caplog.records[0].message
-    [counter] = asyncio.run(harness.engine.get_counters(NAMESPACE))
+    [counter] = await harness.engine.get_counters(NAMESPACE)
     assert counter.value == 120
     path.write_text(limits_yaml(300))  # the writer finishes: same limits, counters kept
     harness.settle()
     assert harness.status.last_error is None
-    [counter] = asyncio.run(harness.engine.get_counters(NAMESPACE))
+    [counter] = await harness.engine.get_counters(NAMESPACE)
     assert counter.value == 120
 
 
@@ -345,7 +330,7 @@ def _loader_noting_its_process(files: Mapping[str, bytes]) -> list[Limit]:
     return load_limits_file_contents(files)
 
 
-def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
+async def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
     """The watcher task parses a changed file in a child process (libyaml holds the interpreter lock
     for a whole document, and CEL compiles take seconds for thousands of limits); only the apply runs
     on the loop, so decisions go on meanwhile. The startup load parses in the service's process."""
@@ -363,16 +348,13 @@ def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
         for i in range(2000)
     )
 
-    async def scenario() -> None:
-        watcher.start()
-        write_atomically(path, many)
-        deadline = time.monotonic() + 60
-        while status.config_version < 2:
-            assert time.monotonic() < deadline, f"not applied: {status}"
-            await asyncio.sleep(POLL)
-        await watcher.stop()
-
-    asyncio.run(scenario())
+    watcher.start()
+    write_atomically(path, many)
+    deadline = time.monotonic() + 60
+    while status.config_version < 2:
+        assert time.monotonic() < deadline, f"not applied: {status}"
+        await asyncio.sleep(POLL)
+    await watcher.stop()
     assert len(engine.get_limits(NAMESPACE)) == 2000
     children = {p.name for p in limits_dir.glob("parsed-in-*")} - {f"parsed-in-{os.getpid()}"}
     assert len(children) == 1, children
@@ -434,6 +416,8 @@ def test_watcher_stops_cleanly(limits_dir: Path) -> None:
         await harness.watcher.stop()  # stopping twice is harmless
         assert asyncio.all_tasks() == {asyncio.current_task()}
 
+    # It counts every task of its loop, so it runs on a loop of its own rather than as an async test
+    # (the test runner keeps tasks of its own on that loop).
     asyncio.run(scenario())
 
 

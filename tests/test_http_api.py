@@ -49,15 +49,8 @@ LIMITS = f"""
 
 TOKEN = "s3cret-token"
 JSON = {"content-type": "application/json"}
-Client = httpx.AsyncClient
-
 # The app runs on the test's own event loop, as it runs on the server's.
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+Client = httpx.AsyncClient
 
 
 class FakeClock:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import textwrap
@@ -128,7 +127,7 @@ def test_a_directory_translates_to_one_limit_per_window_per_subscription_and_mod
     ], key=lambda d: (d["namespace"], d["name"], d["seconds"]))
 
 
-def test_served_limits_enforce_each_subscription_per_user_and_never_count_model_listing(crs: Path) -> None:
+async def test_served_limits_enforce_each_subscription_per_user_and_never_count_model_listing(crs: Path) -> None:
     engine = RateLimiter(MemoryStorage(), translate_paths([crs]).limits)
 
     def request(user: str, subscription: str, path: str = "/llm-d-demo/qwen3-8b/v1/chat/completions") -> list[dict]:
@@ -139,26 +138,23 @@ def test_served_limits_enforce_each_subscription_per_user_and_never_count_model_
         """True when admitted (and charged)."""
         return not (await engine.check_and_report(GPU_ROUTE, descriptors, delta)).limited
 
-    async def scenario() -> None:
-        # team-a: the 1m burst cap (100) admits 60 + 40, then refuses; another user is unaffected.
-        assert await tokens(request("ann", "team-a"), 60)
-        assert await tokens(request("ann", "team-a"), 40)
-        assert not await tokens(request("ann", "team-a"), 1)
-        assert await tokens(request("amy", "team-a"), 100)
-        # team-b has its own budget (default 100 / 1m), per user too.
-        assert await tokens(request("ann", "team-b"), 100)
-        assert not await tokens(request("ann", "team-b"), 1)
-        assert await tokens(request("bea", "team-b"), 100)
-        # Listing models is never counted, even for a user whose budget is spent.
-        models = request("ann", "team-a", "/llm-d-demo/qwen3-8b/v1/models")
-        assert engine.counters_for(GPU_ROUTE, models).counters == ()
-        assert await tokens(models, 10_000)
-        # A caller that sends no request.path is still counted (the condition holds without it).
-        [no_path] = request("ann", "team-a")
-        del no_path["request.path"]
-        assert not await tokens([no_path], 1)
-
-    asyncio.run(scenario())
+    # team-a: the 1m burst cap (100) admits 60 + 40, then refuses; another user is unaffected.
+    assert await tokens(request("ann", "team-a"), 60)
+    assert await tokens(request("ann", "team-a"), 40)
+    assert not await tokens(request("ann", "team-a"), 1)
+    assert await tokens(request("amy", "team-a"), 100)
+    # team-b has its own budget (default 100 / 1m), per user too.
+    assert await tokens(request("ann", "team-b"), 100)
+    assert not await tokens(request("ann", "team-b"), 1)
+    assert await tokens(request("bea", "team-b"), 100)
+    # Listing models is never counted, even for a user whose budget is spent.
+    models = request("ann", "team-a", "/llm-d-demo/qwen3-8b/v1/models")
+    assert engine.counters_for(GPU_ROUTE, models).counters == ()
+    assert await tokens(models, 10_000)
+    # A caller that sends no request.path is still counted (the condition holds without it).
+    [no_path] = request("ann", "team-a")
+    del no_path["request.path"]
+    assert not await tokens([no_path], 1)
 
 
 def test_a_day_window_is_rejected_naming_the_subscription_and_suggesting_24h(tmp_path: Path) -> None:
@@ -188,6 +184,8 @@ def test_a_day_window_is_rejected_naming_the_subscription_and_suggesting_24h(tmp
      "  limits: {l: {rates: [{limit: 1, window: 1m}], when: [{predicate: 'auth.identity.userid =='}]}}",
      "spec.limits.l.when[0].predicate", "translated from"),
 ])
+
+
 def test_errors_name_kind_namespace_name_and_field(tmp_path: Path, document: str, field: str, hint: str) -> None:
     write(tmp_path, **{"bad.yaml": document})
     with pytest.raises(MaasError) as caught:

@@ -4,7 +4,6 @@ coming and going through the open-addressing index (compared with the reference 
 
 from __future__ import annotations
 
-import asyncio
 import random
 from unittest import mock
 
@@ -34,21 +33,17 @@ class Clock:
         return self.now
 
 
-def run(coroutine):
-    return asyncio.run(coroutine)
-
-
 def engine_with(*limits: Limit, capacity: int = 10_000) -> tuple[RateLimiter, MemoryStorage, Clock]:
     clock = Clock()
     storage = MemoryStorage(capacity=capacity, clock=clock)
     return RateLimiter(storage, limits), storage, clock
 
 
-def test_listing_pages_through_every_counter_once() -> None:
+async def test_listing_pages_through_every_counter_once() -> None:
     per_user = Limit(NS, 100, 60, (), (USER,), name="per-user")
     engine, storage, _ = engine_with(per_user)
     for i in range(2500):
-        run(engine.report(NS, [{"user": f"u{i}"}], 1 + i % 7))
+        await engine.report(NS, [{"user": f"u{i}"}], 1 + i % 7)
     seen = {}
     cursor: str | None = None
     pages = 0
@@ -64,15 +59,15 @@ def test_listing_pages_through_every_counter_once() -> None:
     assert seen == {(f"u{i}",): 1 + i % 7 for i in range(2500)}
 
 
-def test_get_counters_page_takes_text_cursors_and_a_match() -> None:
+async def test_get_counters_page_takes_text_cursors_and_a_match() -> None:
     per_user = Limit(NS, 100, 60, (), (USER,))
     engine, storage, _ = engine_with(per_user)
     for i in range(300):
-        run(engine.report(NS, [{"user": f"u{i}"}], 1))
+        await engine.report(NS, [{"user": f"u{i}"}], 1)
     found: list[str] = []
     cursor = None
     while True:
-        page = run(storage.get_counters_page([per_user], cursor, 50, lambda c: c.values[0].endswith("7")))
+        page = await storage.get_counters_page([per_user], cursor, 50, lambda c: c.values[0].endswith("7"))
         found.extend(status.counter.values[0] for status in page.counters)
         if page.next_cursor is None:
             break
@@ -80,17 +75,17 @@ def test_get_counters_page_takes_text_cursors_and_a_match() -> None:
         assert isinstance(cursor, str)
     assert sorted(found) == sorted(f"u{i}" for i in range(300) if str(i).endswith("7"))
     with pytest.raises(ValueError, match="invalid cursor"):
-        run(storage.get_counters_page([per_user], "not-a-cursor", 10))
+        await storage.get_counters_page([per_user], "not-a-cursor", 10)
 
 
-def test_listing_filters_by_a_variable_value() -> None:
+async def test_listing_filters_by_a_variable_value() -> None:
     per_user = Limit(NS, 100, 60, (), (USER,), name="per-user")
     per_user_model = Limit(NS, 100, 60, (), (USER, MODEL), name="per-user-model")
     global_limit = Limit(NS, 1000, 60, (), (), name="global")
     engine, storage, _ = engine_with(per_user, per_user_model, global_limit)
     for user in ("alice", "bob", "malice"):
         for model in ("alice", "gpt"):  # a model named like a user must not match the user filter
-            run(engine.report(NS, [{"user": user, "model": model}], 1))
+            await engine.report(NS, [{"user": user, "model": model}], 1)
     page = storage.list_counters(engine.all_limits(), variable=USER, value="alice")
     assert page.next_cursor is None
     found = sorted((status.limit.name, status.counter.set_variables[MODEL] if MODEL in status.limit.variables
@@ -98,32 +93,32 @@ def test_listing_filters_by_a_variable_value() -> None:
     assert found == [("per-user", None, 2), ("per-user-model", "alice", 1), ("per-user-model", "gpt", 1)]
 
 
-def test_counters_of_a_removed_limit_resume_within_a_window_and_restart_after() -> None:
+async def test_counters_of_a_removed_limit_resume_within_a_window_and_restart_after() -> None:
     minute = Limit(NS, 10, 60, (), (USER,), name="minute")
     hour = Limit(NS, 10, 3600, (), (USER,), name="hour")
     engine, storage, clock = engine_with(minute, hour)
-    run(engine.report(NS, [{"user": "alice"}], 4))
+    await engine.report(NS, [{"user": "alice"}], 4)
     engine.configure_with([hour])  # the minute limit disappears (a bad reload, say)
-    assert [s.limit.name for s in run(engine.get_counters(NS))] == ["hour"]
+    assert [s.limit.name for s in await engine.get_counters(NS)] == ["hour"]
     clock.now += 30
     engine.configure_with([minute, hour])  # and comes back within its window: it resumes
-    decision = run(engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True))
+    decision = await engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True)
     assert {s.limit.name: s.value for s in decision.counters} == {"minute": 5, "hour": 5}
     engine.configure_with([hour])
     clock.now += 61
     engine.configure_with([minute, hour])  # back after its window: a fresh window
-    decision = run(engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True))
+    decision = await engine.check_and_report(NS, [{"user": "alice"}], 1, load_counters=True)
     assert {s.limit.name: s.value for s in decision.counters} == {"minute": 1, "hour": 6}
 
 
-def test_sweep_frees_rows_idle_for_a_window_and_nothing_else() -> None:
+async def test_sweep_frees_rows_idle_for_a_window_and_nothing_else() -> None:
     short = Limit(NS, 10, 10, (), (USER,))
     engine, storage, clock = engine_with(short, capacity=1000)
     for i in range(500):
-        run(engine.report(NS, [{"user": f"u{i}"}], 1))
+        await engine.report(NS, [{"user": f"u{i}"}], 1)
     clock.now += 15  # windows over, but each counter keeps its row for one more window
     for i in range(100):
-        run(engine.report(NS, [{"user": f"u{i}"}], 1))  # these start new windows
+        await engine.report(NS, [{"user": f"u{i}"}], 1)  # these start new windows
     assert storage.sweep(max_rows=10_000) == 0
     clock.now += 10
     assert storage.sweep(max_rows=10_000) == 400
@@ -131,21 +126,21 @@ def test_sweep_frees_rows_idle_for_a_window_and_nothing_else() -> None:
     assert storage.stats().freed_rows == 400
 
 
-def test_reservation_holds_keep_rows_and_release_on_expiry() -> None:
+async def test_reservation_holds_keep_rows_and_release_on_expiry() -> None:
     limit = Limit(NS, 10, 10, (), (USER,))
     engine, storage, clock = engine_with(limit, capacity=1)
-    decision = run(engine.reserve(NS, [{"user": "alice"}], 4, 100.0))
+    decision = await engine.reserve(NS, [{"user": "alice"}], 4, 100.0)
     assert decision.reservation_id
     clock.now += 50  # long past the (never started) window: the hold keeps the row
     with pytest.raises(StorageFullError):
-        run(engine.report(NS, [{"user": "bob"}], 1))
+        await engine.report(NS, [{"user": "bob"}], 1)
     clock.now += 51  # the reservation expired and released itself: bob gets the row
-    run(engine.report(NS, [{"user": "bob"}], 1))
-    assert [s.counter.values for s in run(engine.get_counters(NS))] == [("bob",)]
+    await engine.report(NS, [{"user": "bob"}], 1)
+    assert [s.counter.values for s in await engine.get_counters(NS)] == [("bob",)]
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
+async def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
     """Hundreds of users through a 64-row table with short windows: rows are reclaimed and reused
     all the time, so index entries are deleted (backward shift) and re-added in every probe pattern,
     and key blocks of long keys are freed and reused."""
@@ -169,7 +164,7 @@ def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
         delta = rng.randrange(1, 4)
         if len(occupied | set(keys)) > storage.capacity:
             continue  # the table may be full: the answer is not comparable
-        decision = run(engine.check_and_report(NS, descriptors, delta, load_counters=True))
+        decision = await engine.check_and_report(NS, descriptors, delta, load_counters=True)
         expected = model.check_and_report(keys, delta, now_ms)
         assert (decision.limited_by.identity if decision.limited_by else None) == expected.limited_by
         assert {(s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved)
@@ -177,20 +172,20 @@ def test_many_keys_coming_and_going_match_the_model(seed: int) -> None:
         compared += 1
     assert compared > 1000
     listed = {(s.limit.identity, s.counter.values): (s.value, round(s.expires_in * 1000), s.reserved)
-              for s in run(engine.get_counters(NS))}
+              for s in await engine.get_counters(NS)}
     assert listed == model.live_counters(NS, round(clock.now * 1000))
 
 
-def test_keys_longer_than_the_key_room_are_refused_with_their_own_reason() -> None:
+async def test_keys_longer_than_the_key_room_are_refused_with_their_own_reason() -> None:
     clock = Clock()
     storage = MemoryStorage(clock=clock, table=CounterTable.create(8, key_bytes_per_counter=24))
     engine = RateLimiter(storage, [Limit(NS, 5, 60, (), (USER,))])
-    run(engine.report(NS, [{"user": "u" * 24 * 8}], 1))  # takes every key block of the table
-    run(engine.report(NS, [{"user": "short"}], 1))  # short keys live in their row
+    await engine.report(NS, [{"user": "u" * 24 * 8}], 1)  # takes every key block of the table
+    await engine.report(NS, [{"user": "short"}], 1)  # short keys live in their row
     with pytest.raises(StorageFullError, match="keys"):
-        run(engine.report(NS, [{"user": "v" * 30}], 1))
+        await engine.report(NS, [{"user": "v" * 30}], 1)
     assert storage.refusals == {"rows": 0, "key_bytes": 1, "reservations": 0}
-    assert sorted(len(s.counter.values[0]) for s in run(engine.get_counters(NS))) == [5, 192]
+    assert sorted(len(s.counter.values[0]) for s in await engine.get_counters(NS)) == [5, 192]
 
 
 THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
@@ -202,7 +197,9 @@ THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
     top_n=st.integers(0, 8),
     scan_rows=st.sampled_from([3, 7, 1 << 15]),
 )
-def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int, int, bool]], top_n: int,
+
+
+async def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int, int, bool]], top_n: int,
                                                         scan_rows: int) -> None:
     """The memory table's numpy summary (chunked scans, busiest kept per chunk) equals `summarize`
     over the plain listing: the same busiest counters in the same order, and the same per-limit
@@ -218,12 +215,12 @@ def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int
         counters = engine.counters_for(NS, descriptors)
         only = type(counters)([c for c in counters.counters if c.limit is limit])
         if reserve:
-            run(storage.reserve(only, amount, 20))
+            await storage.reserve(only, amount, 20)
         else:
-            run(storage.update_counters(only, amount))
-    listing = run(storage.get_counters(limits))
+            await storage.update_counters(only, amount)
+    listing = await storage.get_counters(limits)
     with mock.patch.object(memory, "LIST_SCAN_ROWS", scan_rows):
-        got = run(storage.counter_summary(limits, top_n, THRESHOLDS))
+        got = await storage.counter_summary(limits, top_n, THRESHOLDS)
     expected = summarize(listing, top_n, THRESHOLDS)
     assert [(s.counter, s.value, s.reserved, s.expires_in) for s in got.busiest] == \
         [(s.counter, s.value, s.reserved, s.expires_in) for s in expected.busiest]
@@ -235,7 +232,7 @@ def _small_registry(clock: Clock) -> MemoryStorage:
     return MemoryStorage(table=CounterTable.create(1000, limit_slots=64), clock=clock)
 
 
-def test_numbers_of_removed_limits_are_reused_once_their_counters_are_gone() -> None:
+async def test_numbers_of_removed_limits_are_reused_once_their_counters_are_gone() -> None:
     """A long-running service that reloads ever new limits keeps going: 1200 distinct limits pass
     through a 64-limit registry, 12 at a time, each charged before the next reload removes it."""
     clock = Clock()
@@ -245,7 +242,7 @@ def test_numbers_of_removed_limits_are_reused_once_their_counters_are_gone() -> 
         limits = [Limit(f"tenant-{reload}-{i}", 5, 60, (), (USER,), name=f"l{i}") for i in range(12)]
         engine.configure_with(limits)
         for limit in limits:
-            decision = run(engine.check_and_report(limit.namespace, [{"user": "alice"}], 2, load_counters=True))
+            decision = await engine.check_and_report(limit.namespace, [{"user": "alice"}], 2, load_counters=True)
             assert [s.value for s in decision.counters] == [2]  # a fresh counter, nothing inherited
         # Reloads 5 minutes apart: the limits of the last two are still within window + grace (36 slots
         # with the current ones); older ones' slots are freed for new limits.
@@ -254,7 +251,7 @@ def test_numbers_of_removed_limits_are_reused_once_their_counters_are_gone() -> 
     assert stats.limits_freed > 1000 and stats.limits <= 64
 
 
-def test_a_removed_limit_keeps_its_number_while_it_has_counters() -> None:
+async def test_a_removed_limit_keeps_its_number_while_it_has_counters() -> None:
     """Numbers are reused only when their counters are gone: a full registry of limits removed
     within their window is refused with what the cap is, and a limit that comes back resumes."""
     clock = Clock()
@@ -262,7 +259,7 @@ def test_a_removed_limit_keeps_its_number_while_it_has_counters() -> None:
     engine = RateLimiter(storage)
     kept = Limit("kept", 10, 3600, (), (USER,), name="hourly")
     engine.configure_with([kept])
-    run(engine.report("kept", [{"user": "alice"}], 7))
+    await engine.report("kept", [{"user": "alice"}], 7)
     others = [Limit(f"other-{i}", 5, 60, (), (USER,)) for i in range(63)]
     engine.configure_with(others)  # `kept` is removed (retired): all 64 slots taken
     engine.configure_with(others[:1])  # 62 more removed, never charged
@@ -270,17 +267,17 @@ def test_a_removed_limit_keeps_its_number_while_it_has_counters() -> None:
     engine.configure_with([others[0], Limit("new", 5, 60, (), (USER,))])  # ...so their slots are freed
     assert storage.stats().limits_freed == 62
     engine.configure_with([kept])
-    [counter] = run(engine.get_counters("kept"))
+    [counter] = await engine.get_counters("kept")
     assert counter.value == 7  # `kept`'s hour is not over: its number and counter were kept
 
     clock.now += 1  # a registry of limits that are all configured or counting is full, and says so
     with pytest.raises(StorageError, match="the limit registry is full: 64 limits asked for, and of its 64 slots"):
         storage.configure([Limit(f"many-{i}", 5, 60, (), (USER,)) for i in range(64)])  # + `kept`'s
-    [counter] = run(engine.get_counters("kept"))
+    [counter] = await engine.get_counters("kept")
     assert counter.value == 7  # the refused reload changed nothing
 
 
-def test_a_stale_worker_does_not_retire_a_reused_number() -> None:
+async def test_a_stale_worker_does_not_retire_a_reused_number() -> None:
     """Two storages on one table (two workers): one still holds a limit the other removed; once its
     number is reused, the stale storage's own reload must not retire the new limit holding it."""
     clock = Clock()
@@ -296,14 +293,14 @@ def test_a_stale_worker_does_not_retire_a_reused_number() -> None:
     first.configure([*fillers, new])  # `new` takes the only slot freed: `old`'s
     engine = RateLimiter(first)
     engine.configure_with([*fillers, new])
-    run(engine.report("new", [{"user": "bob"}], 3))
+    await engine.report("new", [{"user": "bob"}], 3)
     second.configure([*fillers, new])  # `second` retires what it knew as `old`: not `new`'s number
     slot = table.words[kernels.H_OFF_LIMITS] + first._no_by_identity[new.identity] * kernels.LIMIT_WIDTH
     assert table.words[slot + kernels.STATE] == kernels.LIMIT_ACTIVE  # retired, it could be freed while in use
-    [counter] = run(engine.get_counters("new"))
+    [counter] = await engine.get_counters("new")
     assert counter.value == 3
     engine.configure_with([new])  # the fillers go; after their window and the grace, their slots
     clock.now += 61 + kernels.REUSE_GRACE_MS / 1000  # are freed, and `new`'s is not
     engine.configure_with([new, Limit("newer", 5, 60, (), (USER,))])
-    run(engine.report("new", [{"user": "bob"}], 1))
-    assert [c.value for c in run(engine.get_counters("new"))] == [4]
+    await engine.report("new", [{"user": "bob"}], 1)
+    assert [c.value for c in await engine.get_counters("new")] == [4]

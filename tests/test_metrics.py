@@ -3,7 +3,6 @@ collector's cap and clamping, the model catalog, and `promtool check metrics` on
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import Sequence
 
@@ -54,6 +53,8 @@ def test_total_suffix_names_counters_only() -> None:
 
 @pytest.mark.parametrize("document", ["[a]", "limitador_namespace: descriptors[0].x", "bad-name: descriptors[0].x",
                                       "user: 'descriptors[0].'"])
+
+
 def test_invalid_custom_labels_are_refused(document: str) -> None:
     with pytest.raises(MetricLabelsError):
         parse_custom_labels(document)
@@ -72,14 +73,14 @@ def reading(counters: list[CounterStatus]) -> ReadSummary:
     return read
 
 
-def collect(collector: QuotaCollector) -> dict[str, list]:
-    asyncio.run(collector.refresh())
+async def collect(collector: QuotaCollector) -> dict[str, list]:
+    await collector.refresh()
     return {family.name: family.samples for family in collector.collect()}
 
 
-def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
+async def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
     counters = statuses([10, 900, 50, 1500, 5])  # 1500: overshoot by unconditional reports
-    families = collect(QuotaCollector(reading(counters), LABELS, top_n=2))
+    families = await collect(QuotaCollector(reading(counters), LABELS, top_n=2))
     used = {s.labels["counter"]: s.value for s in families["ratelimit_quota_used"]}
     assert used == {"user3": 1500, "user1": 900, OTHER: 65}
     remaining = {s.labels["counter"]: s.value for s in families["ratelimit_quota_remaining"]}
@@ -95,15 +96,15 @@ def test_quota_cap_keeps_busiest_and_sums_the_rest() -> None:
     assert reached == {"0.5": 2, "0.75": 2, "0.9": 2, "1.0": 1}
 
 
-def test_quota_families_are_gauges_that_go_down_when_windows_reset() -> None:
+async def test_quota_families_are_gauges_that_go_down_when_windows_reset() -> None:
     """A snapshot: when a window resets its counter leaves, and every count drops with it."""
     counters = statuses([950, 990])
     collector = QuotaCollector(reading(counters), LABELS)
-    asyncio.run(collector.refresh())
+    await collector.refresh()
     assert {family.type for family in collector.collect()} == {"gauge"}
-    before = {s.labels["threshold"]: s.value for s in collect(collector)["ratelimit_quota_counters_at_or_above"]}
+    before = {s.labels["threshold"]: s.value for s in (await collect(collector))["ratelimit_quota_counters_at_or_above"]}
     counters.pop()
-    after = {s.labels["threshold"]: s.value for s in collect(collector)["ratelimit_quota_counters_at_or_above"]}
+    after = {s.labels["threshold"]: s.value for s in (await collect(collector))["ratelimit_quota_counters_at_or_above"]}
     assert before["0.9"] == 2 and after["0.9"] == 1
 
 

@@ -239,7 +239,7 @@ def _check_workload(
             assert charged == exact, (user, charged, exact)
 
 
-def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
+async def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
     service: ServiceProcess, proxies: dict[str, Envoy]
 ) -> None:
     """32 streamed requests at once, a budget for 10: the meter reserves each request's estimate, so
@@ -260,7 +260,7 @@ def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
     async def all_at_once() -> list[int | None]:
         return await asyncio.gather(*(one() for _ in range(32)))
 
-    outcomes = asyncio.run(all_at_once())
+    outcomes = await all_at_once()
     admitted = sum(outcome is not None for outcome in outcomes)
     wait_until(lambda: _settled(service, user), timeout=20, what="every reservation to be committed")
     charged = _value(service, user)
@@ -325,7 +325,6 @@ def test_the_lua_route_charges_streams_the_sdk_closes_right_after_done(
         assert [chunk.usage.total_tokens for chunk in stream if chunk.usage] == [7]
     for user in users:
         wait_until(lambda: _value(service, user) == 7, timeout=20, what=f"{user}'s 7 tokens")  # noqa: B023
-
 
 
 def _metric(service: ServiceProcess, name: str, labels: str) -> float:

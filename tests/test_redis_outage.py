@@ -144,6 +144,8 @@ def wait_for_answers(load: Load, since: float, count: int = 50) -> list[int]:
     ("redis", "open", {200}, grpc.StatusCode.OK),
     ("redis_cached", "closed", {200}, grpc.StatusCode.OK),  # limits on its local copies: no Redis needed
 ])
+
+
 def test_redis_killed_under_load_then_restarted(
     fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
     load: Callable[[ServiceProcess], Load], storage: str, mode: str, while_down: set[int],
@@ -360,7 +362,7 @@ def test_redis_down_at_start_up_is_logged_retried_and_not_ready(
 
 
 @pytest.mark.slow
-def test_counters_over_30k_redis_counters_answer_in_full(
+async def test_counters_over_30k_redis_counters_answer_in_full(
     fresh_redis: RedisServer, limits_path: Path, start_service: Callable[..., ServiceProcess],
 ) -> None:
     """The issue's case: 30k counters in a healthy Redis, /counters with the default decision timeout."""
@@ -368,16 +370,13 @@ def test_counters_over_30k_redis_counters_answer_in_full(
     from ratelimit.limits import load_limits_file
     from ratelimit.storage.redis import RedisOptions, RedisStorage
 
-    async def fill() -> None:
-        storage = RedisStorage(RedisOptions(fresh_redis.url, timeout=30))
-        engine = RateLimiter(storage, load_limits_file(limits_path))
-        try:
-            for start in range(0, 30_000, 1000):
-                await asyncio.gather(*(engine.report(NS, [{"user": f"u{i}"}], 1) for i in range(start, start + 1000)))
-        finally:
-            await storage.close()
-
-    asyncio.run(fill())
+    storage = RedisStorage(RedisOptions(fresh_redis.url, timeout=30))
+    engine = RateLimiter(storage, load_limits_file(limits_path))
+    try:
+        for start in range(0, 30_000, 1000):
+            await asyncio.gather(*(engine.report(NS, [{"user": f"u{i}"}], 1) for i in range(start, start + 1000)))
+    finally:
+        await storage.close()
     service = start_service(limits_path, "redis", fresh_redis.url)
     began = time.monotonic()
     response = service.http.get(f"/counters/{NS}", timeout=120)

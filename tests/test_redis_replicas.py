@@ -78,34 +78,31 @@ def statuses(responses: list[httpx.Response]) -> dict[int, int]:
     return counts
 
 
-def test_two_replicas_admit_exactly_the_limit(replicas: list[ServiceProcess]) -> None:
-    responses = asyncio.run(post_all(replicas, "/check_and_report", [body("single", delta=1)] * 1300))
+async def test_two_replicas_admit_exactly_the_limit(replicas: list[ServiceProcess]) -> None:
+    responses = await post_all(replicas, "/check_and_report", [body("single", delta=1)] * 1300)
     assert statuses(responses) == {200: 1000, 429: 300}
 
 
-def test_two_replicas_admit_exactly_the_tightest_of_stacked_limits(replicas: list[ServiceProcess]) -> None:
-    responses = asyncio.run(post_all(replicas, "/check_and_report", [body("stacked", delta=1)] * 200))
+async def test_two_replicas_admit_exactly_the_tightest_of_stacked_limits(replicas: list[ServiceProcess]) -> None:
+    responses = await post_all(replicas, "/check_and_report", [body("stacked", delta=1)] * 200)
     assert statuses(responses) == {200: 30, 429: 170}
     counters = replicas[1].http.get("/counters/stacked").json()
     assert sorted(c["limit"]["max_value"] - c["remaining"] for c in counters) == [30, 30]
 
 
-def test_two_replicas_share_reservations(replicas: list[ServiceProcess]) -> None:
+async def test_two_replicas_share_reservations(replicas: list[ServiceProcess]) -> None:
     """1000 tokens, requests reserving 50 each: exactly 20 reservations fit; after each committed 30
     tokens, 400 are left, so exactly 8 more fit."""
 
-    async def flow() -> None:
-        reserved = await post_all(replicas, "/reserve", [body("tokens", amount=50, ttl_seconds=60)] * 100)
-        assert statuses(reserved) == {200: 20, 429: 80}
-        ids = [r.json()["reservation_id"] for r in reserved if r.status_code == 200]
-        committed = await post_all(replicas, "/commit", [body("tokens", reservation_id=i, actual=30) for i in ids])
-        assert all(r.status_code == 200 and r.json() == {"reservation_held": True} for r in committed)
-        [counter] = replicas[0].http.get("/counters/tokens").json()
-        assert (counter["remaining"], counter["reserved"]) == (400, 0)
-        again = await post_all(replicas, "/reserve", [body("tokens", amount=50, ttl_seconds=60)] * 40)
-        assert statuses(again) == {200: 8, 429: 32}
-
-    asyncio.run(flow())
+    reserved = await post_all(replicas, "/reserve", [body("tokens", amount=50, ttl_seconds=60)] * 100)
+    assert statuses(reserved) == {200: 20, 429: 80}
+    ids = [r.json()["reservation_id"] for r in reserved if r.status_code == 200]
+    committed = await post_all(replicas, "/commit", [body("tokens", reservation_id=i, actual=30) for i in ids])
+    assert all(r.status_code == 200 and r.json() == {"reservation_held": True} for r in committed)
+    [counter] = replicas[0].http.get("/counters/tokens").json()
+    assert (counter["remaining"], counter["reserved"]) == (400, 0)
+    again = await post_all(replicas, "/reserve", [body("tokens", amount=50, ttl_seconds=60)] * 40)
+    assert statuses(again) == {200: 8, 429: 32}
 
 
 def test_a_restarted_replica_still_sees_the_exhausted_counter(

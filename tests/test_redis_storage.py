@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from ratelimit.counters import CounterStatus, StorageError
@@ -102,38 +103,32 @@ async def admitted_concurrently(engine: RateLimiter, requests: list[list[dict[st
     return sum(not d.limited for d in decisions)
 
 
-def test_stacked_limits_admit_exactly_the_tightest_under_concurrency(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_stacked_limits_admit_exactly_the_tightest_under_concurrency(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url, timeout=UNHURRIED)), SHORT, DAY) as engine:
             assert await admitted_concurrently(engine, [request("alice")] * 200) == 30
             counters = {c.limit.name: c for c in await engine.get_counters(NS)}
             # Nothing was charged for a refused request, on either window.
             assert (counters["short"].value, counters["day"].value) == (30, 30)
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_every_decision_is_one_script_call(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_every_decision_is_one_script_call(single: RedisServer) -> None:
+    before = script_calls(single)
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY, PER_MODEL, GLOBAL) as engine:
             await engine.check_and_report(NS, request("alice"), 1)  # 4 counters
             await engine.check(NS, request("alice"))
             await engine.report(NS, request("alice"), 5)
             reservation = await engine.reserve(NS, request("alice"), 3, 60)
             await engine.commit(NS, request("alice"), reservation.reservation_id or "", 2)
-
-    before = script_calls(single)
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     assert script_calls(single) - before == 5
 
 
-def test_all_windows_of_a_user_on_a_model_share_a_slot(cluster: RedisCluster) -> None:
-    async def scenario() -> None:
+async def test_all_windows_of_a_user_on_a_model_share_a_slot(cluster: RedisCluster) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), SHORT, DAY) as engine:
             for user in ("alice", "bob", "carol", "dave"):
                 await engine.check_and_report(NS, request(user), 1)
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     counter_keys = []
     for node in cluster.nodes:
         with node.client() as client:
@@ -149,8 +144,8 @@ def test_all_windows_of_a_user_on_a_model_share_a_slot(cluster: RedisCluster) ->
     assert script_calls(*cluster.nodes) == 4
 
 
-def test_hash_tag_cannot_be_cut_short_by_braces(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_hash_tag_cannot_be_cut_short_by_braces(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         limit = Limit("ns{x}", 1, 60, (), (USER,))
         async with limiter(RedisStorage(RedisOptions(single.url)), limit) as engine:
             for user in ("a}b", "a}c", "{d}"):
@@ -158,19 +153,17 @@ def test_hash_tag_cannot_be_cut_short_by_braces(single: RedisServer) -> None:
                 assert (await engine.check_and_report("ns{x}", request(user), 1)).limited
             listed = {c.counter.values for c in await engine.get_counters("ns{x}")}
             assert listed == {("a}b",), ("a}c",), ("{d}",)}
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     with single.client() as client:
         slots = {key_slot(key) for key in client.keys("rl:{ns%7Bx%7D|*")}
     assert len(slots) > 1  # each user's own tag, not a shared "{x}"
 
 
-def test_cluster_decisions_spanning_slots_never_admit_past_a_limit(cluster: RedisCluster) -> None:
+async def test_cluster_decisions_spanning_slots_never_admit_past_a_limit(cluster: RedisCluster) -> None:
     """Per-user 30/day and a global 50/min hash to different slots (different nodes, mostly): two-phase
     decisions must respect both, leave no hold behind, and still fill every budget exactly."""
     users = ["alice", "bob", "carol"]
 
-    async def scenario() -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY, GLOBAL) as engine:
             admitted = await admitted_concurrently(engine, [request(u) for u in users for _ in range(40)])
             counters = await engine.get_counters(NS)
@@ -186,11 +179,9 @@ def test_cluster_decisions_spanning_slots_never_admit_past_a_limit(cluster: Redi
             [global_counter] = [c for c in await engine.get_counters(NS) if c.limit.name == "global"]
             assert global_counter.value == 50
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_cluster_reserve_and_commit_span_slots(cluster: RedisCluster) -> None:
-    async def scenario() -> None:
+async def test_cluster_reserve_and_commit_span_slots(cluster: RedisCluster) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY, GLOBAL) as engine:
             first = await engine.reserve(NS, request("alice"), 20, 60)
             refused = await engine.reserve(NS, request("bob"), 31, 60)  # over bob's day, under global
@@ -203,22 +194,18 @@ def test_cluster_reserve_and_commit_span_slots(cluster: RedisCluster) -> None:
             assert {c.limit.name: (c.value, c.reserved) for c in committed.counters} == {
                 "day": (12, 0), "global": (12, 0)}
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_cluster_follows_a_slot_moved_to_another_node(cluster: RedisCluster) -> None:
+async def test_cluster_follows_a_slot_moved_to_another_node(cluster: RedisCluster) -> None:
     """Resharding while serving: the slot of alice's counters moves to another node (keys migrated
     with MIGRATE, as `redis-cli --cluster reshard` does); the next decision gets MOVED and follows."""
 
-    async def scenario() -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(cluster.url, timeout=UNHURRIED)), DAY) as engine:
             for _ in range(3):
                 await engine.check_and_report(NS, request("alice"), 1)
             move_slot(cluster, key_slot(b"{maas/model|alice}"))
             decision = await engine.check_and_report(NS, request("alice"), 1, load_counters=True)
             assert decision.counters[0].value == 4
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
 
 def move_slot(cluster: RedisCluster, slot: int) -> None:
@@ -241,8 +228,8 @@ def move_slot(cluster: RedisCluster, slot: int) -> None:
 # -- counters, windows and the script cache ---------------------------------------------------------
 
 
-def test_counters_are_listed_from_the_index_without_scanning(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_counters_are_listed_from_the_index_without_scanning(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY) as engine:
             for user in ("alice", "bob"):
                 await engine.check_and_report(NS, request(user), 2)
@@ -253,8 +240,6 @@ def test_counters_are_listed_from_the_index_without_scanning(single: RedisServer
                 ("short", ("bob",)): (2, 0), ("day", ("bob",)): (2, 0),
                 ("short", ("carol",)): (0, 4), ("day", ("carol",)): (0, 4),
             }
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     assert not {"scan", "keys"} & commands_called(single)
 
 
@@ -270,13 +255,13 @@ async def walk_pages(storage: Storage, limits: list[Limit], size: int,
         cursor = page.next_cursor
 
 
-def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: RedisServer) -> None:
+async def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: RedisServer) -> None:
     """10k counters listed in pages, although one decision may only wait 50 ms: each page has the
     listing timeout, on connections of its own. A variable filter and bad cursors too. (30k through
     the service's /counters: test_redis_faults, marked slow.)"""
     users = [f"user-{i:05d}" for i in range(5_000)]
 
-    async def scenario() -> None:
+    with anyio.fail_after(120):
         async with limiter(RedisStorage(RedisOptions(single.url, timeout=10)), SHORT, DAY) as filler:
             for start in range(0, len(users), 1000):
                 await asyncio.gather(*(filler.report(NS, request(u), 1) for u in users[start:start + 1000]))
@@ -295,13 +280,11 @@ def test_paged_listing_covers_every_counter_once_within_its_own_budget(single: R
             with pytest.raises(ValueError, match="invalid cursor"):
                 await storage.get_counters_page(limits, "not-a-cursor", 10)
             assert storage.status.listing_failures == 0
-
-    asyncio.run(asyncio.wait_for(scenario(), 120))
     assert not {"scan", "keys"} & commands_called(single)
 
 
-def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         storage = RedisStorage(RedisOptions(fresh_redis.url, listing_timeout=0.3))
         async with limiter(storage, DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
@@ -310,25 +293,21 @@ def test_a_failed_listing_raises_and_is_counted(fresh_redis: RedisServer) -> Non
                 await engine.get_counters(NS)
             assert storage.status.listing_failures == 1
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_a_window_starts_at_the_first_hit_and_expires_in_redis(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_a_window_starts_at_the_first_hit_and_expires_in_redis(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url)), SHORT) as engine:
             assert not (await engine.check(NS, request("alice"))).limited  # a check starts no window
             with single.client() as client:
                 assert client.keys("rl:*") == []
             await engine.check_and_report(NS, request("alice"), 1)
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     with single.client() as client:
         [counter] = [k for k in client.keys("rl:{maas/model|alice}*")]
         assert 0 < client.pttl(counter) <= 600_000  # Redis removes it once its window is over
 
 
-def test_decisions_survive_the_script_cache_being_flushed(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_decisions_survive_the_script_cache_being_flushed(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url)), DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
             with single.client() as client:
@@ -336,11 +315,9 @@ def test_decisions_survive_the_script_cache_being_flushed(single: RedisServer) -
             decision = await engine.check_and_report(NS, request("alice"), 1, load_counters=True)
             assert decision.counters[0].value == 2
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_a_reload_deletes_removed_limits_counters_without_blocking_the_others(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_a_reload_deletes_removed_limits_counters_without_blocking_the_others(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(single.url)), SHORT, DAY) as engine:
             for user in ("alice", "bob"):
                 await engine.check_and_report(NS, request(user), 3)
@@ -351,8 +328,6 @@ def test_a_reload_deletes_removed_limits_counters_without_blocking_the_others(si
             decision = await engine.check_and_report(NS, request("alice"), 1, load_counters=True)
             assert sorted((c.limit.name, c.value) for c in decision.counters) == [("day", 5), ("short", 1)]
             assert {c.counter.values for c in await engine.get_counters(NS) if c.limit.name == "short"} == {("alice",)}
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     with single.client() as client:
         assert len(client.keys("rl:{maas/model|bob}:*")) == 1  # bob's day counter; his short one is deleted
 
@@ -360,7 +335,7 @@ def test_a_reload_deletes_removed_limits_counters_without_blocking_the_others(si
 # -- URLs -------------------------------------------------------------------------------------------
 
 
-def test_password_and_database_from_the_url(tmp_path: Path) -> None:
+async def test_password_and_database_from_the_url(tmp_path: Path) -> None:
     server = RedisServer(None, "--requirepass", "s3cret:/@", directory=tmp_path)
     try:
         server.start()
@@ -373,7 +348,7 @@ def test_password_and_database_from_the_url(tmp_path: Path) -> None:
                 with pytest.raises(StorageError, match="WRONGPASS"):
                     await engine.check_and_report(NS, request("alice"), 1)
 
-        asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
+        await asyncio.wait_for(scenario(), HANG_GUARD)
         with server.client(password="s3cret:/@", db=3) as client:
             assert client.dbsize() > 0
         with server.client(password="s3cret:/@", db=0) as client:
@@ -404,19 +379,17 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, Path]]:
         server.close()
 
 
-def test_tls_with_a_trusted_ca_or_insecure(tls_redis: tuple[RedisServer, Path]) -> None:
+async def test_tls_with_a_trusted_ca_or_insecure(tls_redis: tuple[RedisServer, Path]) -> None:
     server, cert = tls_redis
     port = server.tls_port  # type: ignore[attr-defined]
 
-    async def scenario() -> None:
+    with anyio.fail_after(HANG_GUARD):
         for url in (f"rediss://localhost:{port}?ssl_ca_certs={cert}", f"rediss://127.0.0.1:{port}#insecure"):
             async with limiter(RedisStorage(RedisOptions(url)), DAY) as engine:
                 assert not (await engine.check_and_report(NS, request("alice"), 1)).limited
         async with limiter(RedisStorage(RedisOptions(f"rediss://127.0.0.1:{port}")), DAY) as engine:
             with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
                 await engine.check_and_report(NS, request("alice"), 1)
-
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
     with server.client() as client:
         [counter] = client.keys("rl:{maas/model|alice}*")
         assert client.hget(counter, "v") == b"2"
@@ -438,8 +411,8 @@ def test_url_forms() -> None:
 # -- failures -------------------------------------------------------------------------------------
 
 
-def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fresh_redis: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fresh_redis: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         async with limiter(RedisStorage(RedisOptions(fresh_redis.url, timeout=0.2)), DAY) as engine:
             await engine.check_and_report(NS, request("alice"), 1)
             assert fresh_redis.process is not None
@@ -454,12 +427,10 @@ def test_a_stalled_redis_fails_the_decision_within_the_timeout_then_recovers(fre
             assert decision.counters[0].value >= 2
             assert engine.storage.status.reachable
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
-
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
-def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) -> None:
-    async def scenario() -> None:
+async def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) -> None:
+    with anyio.fail_after(HANG_GUARD):
         storage = FailureMode(RedisStorage(RedisOptions(fresh_redis.url)), mode)  # type: ignore[arg-type]
         engine = RateLimiter(storage, [DAY])
         try:
@@ -484,8 +455,6 @@ def test_failure_mode_when_redis_is_down(fresh_redis: RedisServer, mode: str) ->
         finally:
             await storage.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
-
 
 async def until_answered(engine: RateLimiter):
     """The first decision the storage really answers (open mode answers a failure with no counters)."""
@@ -500,8 +469,8 @@ async def until_answered(engine: RateLimiter):
 # -- redis_cached -----------------------------------------------------------------------------------
 
 
-def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         first = CachedRedisStorage(RedisOptions(single.url), flush_period=0.1)
         second = CachedRedisStorage(RedisOptions(single.url), flush_period=0.1)
         async with limiter(first, DAY) as a, limiter(second, DAY) as b:
@@ -520,11 +489,9 @@ def test_cached_replicas_share_counters_through_redis(single: RedisServer) -> No
             [counter] = await a.get_counters(NS)
             assert counter.value == 30
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         storage = CachedRedisStorage(RedisOptions(fresh_redis.url, timeout=0.2), flush_period=0.05)
         async with limiter(storage, DAY) as engine:
             for _ in range(10):
@@ -543,11 +510,9 @@ def test_cached_keeps_limiting_through_a_partition_and_writes_back(fresh_redis: 
                 # What was charged during the partition (and not yet written before it) was written back.
                 assert int(client.hget(key, "v")) == 20
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_cached_holds_at_most_max_cached_counters(single: RedisServer) -> None:
-    async def scenario() -> None:
+async def test_cached_holds_at_most_max_cached_counters(single: RedisServer) -> None:
+    with anyio.fail_after(HANG_GUARD):
         storage = CachedRedisStorage(RedisOptions(single.url), max_cached=10, flush_period=3600)
         async with limiter(storage, DAY) as engine:
             for i in range(50):
@@ -559,17 +524,15 @@ def test_cached_holds_at_most_max_cached_counters(single: RedisServer) -> None:
                     await storage.flush()
             assert storage.cache_size <= 10
 
-    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD))
 
-
-def test_a_retried_commit_charges_once(single: RedisServer) -> None:
+async def test_a_retried_commit_charges_once(single: RedisServer) -> None:
     """A client that retries Commit (its first answer was lost) must not pay twice; other
     reservations of the same counters are untouched by the marks."""
-    asyncio.run(asyncio.wait_for(_commit_twice(single.url), HANG_GUARD))
+    await asyncio.wait_for(_commit_twice(single.url), HANG_GUARD)
 
 
-def test_a_retried_commit_charges_once_across_cluster_slots(cluster: RedisCluster) -> None:
-    asyncio.run(asyncio.wait_for(_commit_twice(cluster.url), HANG_GUARD))
+async def test_a_retried_commit_charges_once_across_cluster_slots(cluster: RedisCluster) -> None:
+    await asyncio.wait_for(_commit_twice(cluster.url), HANG_GUARD)
 
 
 async def _commit_twice(url: str) -> None:

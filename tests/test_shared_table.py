@@ -279,6 +279,8 @@ operations = st.tuples(
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bursts=st.lists(st.tuples(st.lists(operations, max_size=60), st.lists(operations, max_size=60)),
                        min_size=1, max_size=3))
+
+
 def test_two_processes_deciding_in_parallel_match_the_model(workers: Workers, bursts: list) -> None:
     """Both processes run their burst at the same time. Every change charges the global counter
     (deltas >= 1), so its value after each answer tells where the decision fell in the table's order;
@@ -331,19 +333,19 @@ def test_attach_refuses_a_name_that_is_not_a_table() -> None:
         CounterTable.attach("../etc/passwd")
 
 
-def test_a_full_shared_table_refuses_new_keys_and_counts_refusals_for_every_process() -> None:
+async def test_a_full_shared_table_refuses_new_keys_and_counts_refusals_for_every_process() -> None:
     shared = SharedTable(capacity=2)
     try:
         limit = Limit(NS, 5, 60, (), (USER,))
         first = RateLimiter(MemoryStorage(table=CounterTable.attach(shared.name)), [limit])
         second = RateLimiter(MemoryStorage(table=CounterTable.attach(shared.name)), [limit])
-        asyncio.run(first.report(NS, [{"user": "a"}], 1))
-        asyncio.run(second.report(NS, [{"user": "b"}], 1))
+        await first.report(NS, [{"user": "a"}], 1)
+        await second.report(NS, [{"user": "b"}], 1)
         with pytest.raises(StorageFullError, match="new keys are refused"):
-            asyncio.run(first.report(NS, [{"user": "c"}], 1))
-        assert not asyncio.run(second.check_and_report(NS, [{"user": "a"}], 1)).limited
+            await first.report(NS, [{"user": "c"}], 1)
+        assert not (await second.check_and_report(NS, [{"user": "a"}], 1)).limited
         assert first.storage.refusals == second.storage.refusals == {"rows": 1, "key_bytes": 0,  # type: ignore[attr-defined]
                                                                      "reservations": 0}
-        assert [s.value for s in asyncio.run(first.get_counters(NS))] == [2, 1]
+        assert [s.value for s in await first.get_counters(NS)] == [2, 1]
     finally:
         shared.close()
