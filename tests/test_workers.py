@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ratelimit.storage.table import Layout, shm_free_bytes
+from ratelimit.tools.processes import free_ports
 from tests.prometheus_fixtures import PrometheusProcess
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
@@ -170,3 +174,27 @@ def answering_workers(service: ServiceProcess) -> set[str]:
     for client in found.values():
         client.close()
     return set(found)
+
+
+def test_a_table_dev_shm_has_no_room_for_is_refused_at_start(tmp_path: Path) -> None:
+    """Docker's default 64 MB /dev/shm holds a table of about 200k counters: asking for more than
+    /dev/shm has room for fails at start with one line that says what to do, not later with SIGBUS."""
+    free = shm_free_bytes()
+    assert free is not None
+    capacity = 1 << 16
+    while Layout.for_capacity(capacity).offsets()[1] * 8 <= free and capacity < 1 << 29:
+        capacity *= 2
+    if Layout.for_capacity(capacity).offsets()[1] * 8 <= free:
+        pytest.skip(f"/dev/shm has {free:,} bytes free: more than the largest table")
+    limits = tmp_path / "limits.yaml"
+    limits.write_text(LIMITS)
+    http_port, rls_port = free_ports(2, "127.0.0.1")
+    result = subprocess.run(
+        [sys.executable, "-m", "ratelimit.cli", "serve", str(limits), "-B", "127.0.0.1", "-P", str(http_port),
+         "-b", "127.0.0.1", "-p", str(rls_port), "--workers", "2", "--cache", str(capacity)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "cannot start 2 workers: the shared counter table" in result.stderr
+    assert "--shm-size" in result.stderr and "medium: Memory" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -37,7 +37,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from ratelimit.server.app import GRACEFUL_SHUTDOWN_SECONDS, ServerError, ServiceConfig
 from ratelimit.storage.memory import DEFAULT_CAPACITY
-from ratelimit.storage.table import CounterTable
+from ratelimit.storage.table import CounterTable, TableError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ def run_workers(config: ServiceConfig, workers: int) -> int:
     _check_port_free(config.rls_ip, config.rls_port)
     table = None
     if config.storage == "memory":
-        table = CounterTable.create(config.cache_size or DEFAULT_CAPACITY, shared=True)
+        try:
+            table = CounterTable.create(config.cache_size or DEFAULT_CAPACITY, shared=True)
+        except TableError as exc:
+            raise ServerError(f"cannot start {workers} workers: {exc}") from None
     metrics_dir = tempfile.mkdtemp(prefix="ratelimit-metrics-")
     # Read by prometheus_client when a worker imports it: spawned workers inherit the environment.
     previous_dir = os.environ.get(_MULTIPROC_ENV)

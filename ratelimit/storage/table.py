@@ -146,6 +146,7 @@ class CounterTable:
         handle: MappedBlock | None = None
         if shared:
             name = name or f"ratelimit-{os.getpid()}-{secrets.token_hex(4)}"
+            _check_shm_room(total, capacity)
             try:
                 block = shared_memory.SharedMemory(name=name, create=True, size=total)
             except FileExistsError:
@@ -248,6 +249,29 @@ class CounterTable:
             freed_rows=int(header[k.H_FREED_ROWS]),
             lock_busy=int(header[k.H_LOCK_BUSY]),
             lock_stolen=int(header[k.H_LOCK_STOLEN]),
+        )
+
+
+def shm_free_bytes() -> int | None:
+    """Bytes free in /dev/shm (None when it cannot be told)."""
+    try:
+        stats = os.statvfs(_SHM_DIR)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _check_shm_room(total: int, capacity: int) -> None:
+    """The block is sparse: creating it succeeds whatever its size, and a page that /dev/shm has no
+    room for fails only when first touched, killing the process with SIGBUS under load. Refused at
+    start instead, with the remedy (Docker gives a container a 64 MB /dev/shm by default)."""
+    free = shm_free_bytes()
+    if free is not None and total > free:
+        raise TableError(
+            f"the shared counter table for {capacity:,} counters needs {total / 2**20:,.0f} MiB of {_SHM_DIR}, "
+            f"which has {free / 2**20:,.0f} MiB free (Docker gives a container 64 MB unless run with "
+            "--shm-size; on Kubernetes mount an emptyDir with medium: Memory and a sizeLimit at /dev/shm); "
+            "give it more room or ask for fewer counters (--cache N)"
         )
 
 
