@@ -104,25 +104,28 @@ class PrometheusProcess:
         self.log.close()
 
 
+def require_prometheus() -> None:
+    if shutil.which("prometheus") is None:
+        pytest.fail("prometheus is not installed (scripts/test installs it: apt-get install prometheus)")
+
+
+@contextlib.contextmanager
+def running_prometheus(targets: dict[str, Sequence[str]]) -> Iterator[PrometheusProcess]:
+    """A started PrometheusProcess scraping `targets`, in a temporary directory; stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="prometheus-") as work_dir:
+        prometheus = PrometheusProcess(targets, Path(work_dir))
+        try:
+            yield prometheus.start()
+        finally:
+            prometheus.stop()
+
+
 @pytest.fixture
 def start_prometheus() -> Iterator:
     """Factory: `start_prometheus({"job": ["127.0.0.1:8080"]})`; every one started is stopped."""
-    if shutil.which("prometheus") is None:
-        pytest.fail("prometheus is not installed (scripts/test installs it: apt-get install prometheus)")
-    started: list[PrometheusProcess] = []
-    work_dirs: list[tempfile.TemporaryDirectory[str]] = []
-
-    def start(targets: dict[str, Sequence[str]]) -> PrometheusProcess:
-        work_dirs.append(tempfile.TemporaryDirectory(prefix="prometheus-"))
-        prometheus = PrometheusProcess(targets, Path(work_dirs[-1].name))
-        started.append(prometheus)
-        return prometheus.start()
-
-    yield start
-    for prometheus in started:
-        prometheus.stop()
-    for work_dir in work_dirs:
-        work_dir.cleanup()
+    require_prometheus()
+    with contextlib.ExitStack() as started:
+        yield lambda targets: started.enter_context(running_prometheus(targets))
 
 
 class Emitter:
@@ -267,11 +270,17 @@ class Workload:
         self.thread.join()
 
 
-@pytest.fixture
-def observed(start_service, start_prometheus) -> Iterator:
-    service: ServiceProcess = start_service(
+@pytest.fixture(scope="module")
+def observed() -> Iterator[tuple[PrometheusProcess, Workload]]:
+    """One for the module: its tests only read what Prometheus has scraped, which keeps growing."""
+    require_prometheus()
+    service = ServiceProcess(
         OBSERVABILITY / "limits.yaml", "-L", str(OBSERVABILITY / "metric-labels.yaml"), "--quota-metrics",
         "--model-catalog", str(OBSERVABILITY / "models.yaml"), "-l")
-    with GpuEmitter() as emitter, Workload(service.url) as workload:
-        prometheus = start_prometheus({"ratelimit": [f"127.0.0.1:{service.http_port}"], "vllm": [emitter.address]})
-        yield prometheus, workload
+    try:
+        service.start()
+        with GpuEmitter() as emitter, Workload(service.url) as workload, running_prometheus(
+                {"ratelimit": [f"127.0.0.1:{service.http_port}"], "vllm": [emitter.address]}) as prometheus:
+            yield prometheus, workload
+    finally:
+        service.close()

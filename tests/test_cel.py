@@ -370,7 +370,7 @@ limits = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(source=predicates, descriptors=descriptor_lists, limit=limits)
 def test_fast_predicates_agree_with_the_library(
     source: str, descriptors: list[dict[str, str]], limit: dict[str, str | None]
@@ -380,7 +380,7 @@ def test_fast_predicates_agree_with_the_library(
     assert fast.test(descriptors, limit) is _library_predicate(source).test(descriptors, limit)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(source=expressions, descriptors=descriptor_lists, limit=limits)
 def test_fast_expressions_agree_with_the_library(
     source: str, descriptors: list[dict[str, str]], limit: dict[str, str | None]
