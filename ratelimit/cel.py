@@ -506,36 +506,32 @@ def _negation(operand: _Node) -> _Node:
 
 def _either(left: _Node, right: _Node) -> _Node:
     """CEL ``||``: true if either side is true, even when the other is an error."""
-    get_left, get_right = left.fn, right.fn
-
-    def either(descriptors: Descriptors, limit: LimitInfo) -> object:
-        a = get_left(descriptors, limit)
-        if a is True:
-            return True
-        b = get_right(descriptors, limit)
-        if b is True:
-            return True
-        if a is False and b is False:
-            return False
-        return _ERROR  # an error or a non-bool that nothing absorbed
-    return _Node(either, is_bool=True)
+    return _absorbing(left, right, True)
 
 
 def _both(left: _Node, right: _Node) -> _Node:
     """CEL ``&&``: false if either side is false, even when the other is an error."""
-    get_left, get_right = left.fn, right.fn
+    return _absorbing(left, right, False)
 
-    def both(descriptors: Descriptors, limit: LimitInfo) -> object:
+
+def _absorbing(left: _Node, right: _Node, absorbing: bool) -> _Node:
+    """CEL's commutative ``||`` (absorbing: true) and ``&&`` (absorbing: false): either side's
+    absorbing value decides, even when the other side is an error; two of the other boolean give
+    that boolean; anything else (an error, a non-bool that nothing absorbed) is an error."""
+    get_left, get_right = left.fn, right.fn
+    other = not absorbing
+
+    def junction(descriptors: Descriptors, limit: LimitInfo) -> object:
         a = get_left(descriptors, limit)
-        if a is False:
-            return False
+        if a is absorbing:
+            return absorbing
         b = get_right(descriptors, limit)
-        if b is False:
-            return False
-        if a is True and b is True:
-            return True
+        if b is absorbing:
+            return absorbing
+        if a is other and b is other:
+            return other
         return _ERROR
-    return _Node(both, is_bool=True)
+    return _Node(junction, is_bool=True)
 
 
 def _comparison(left: _Node, right: _Node, compare: Callable[[object, object], bool]) -> _Node:

@@ -45,7 +45,12 @@ from ratelimit.server.guards import (
 from ratelimit.server.http import create_http_app
 from ratelimit.server.state import Service, ServiceOptions
 from ratelimit.server.tracing import DecisionTracing
-from ratelimit.sources.limits_file import DEFAULT_INTERVAL, LimitsFileWatcher, load_limits_file_contents
+from ratelimit.sources.limits_file import (
+    DEFAULT_INTERVAL,
+    LimitsFileWatcher,
+    load_limits_file_contents,
+    single_file_text,
+)
 from ratelimit.sources.maas import limits_from_files
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
@@ -237,11 +242,9 @@ class _CustomLabelsTarget:
 
 
 def _load_custom_labels_contents(files: Mapping[str, bytes]) -> dict[str, Any]:
-    [(source, data)] = files.items()
+    source, text = single_file_text(files)
     try:
-        return parse_custom_labels(data.decode("utf-8"), source)
-    except UnicodeDecodeError as exc:
-        raise LimitsError(source, f"not UTF-8: {exc}") from None
+        return parse_custom_labels(text, source)
     except MetricLabelsError as exc:
         message = str(exc)
         raise LimitsError(source, message.removeprefix(f"{source}: ")) from None

@@ -80,13 +80,19 @@ class Configurable(Protocol):
     def configure_with(self, config: Any, /) -> object: ...
 
 
-def load_limits_file_contents(files: Mapping[str, bytes]) -> list[Limit]:
-    """The default loader: one Limitador limits file."""
+def single_file_text(files: Mapping[str, bytes]) -> tuple[str, str]:
+    """(path, text) of a watched single file; LimitsError when it is not UTF-8."""
     [(source, data)] = files.items()
     try:
-        return parse_limits(data.decode("utf-8"), source)
+        return source, data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise LimitsError(source, f"not UTF-8: {exc}") from None
+
+
+def load_limits_file_contents(files: Mapping[str, bytes]) -> list[Limit]:
+    """The default loader: one Limitador limits file."""
+    source, text = single_file_text(files)
+    return parse_limits(text, source)
 
 
 def yaml_files(path: str | os.PathLike[str]) -> list[str]:
