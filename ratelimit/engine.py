@@ -7,6 +7,7 @@ Storage-agnostic and protocol-agnostic: servers translate wire messages into the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import json
@@ -76,6 +77,7 @@ class RateLimiter:
         for limit in unique:
             by_namespace.setdefault(limit.namespace, []).append(limit)
         self._limits_by_namespace = {ns: tuple(group) for ns, group in by_namespace.items()}
+        _release_later(list(self._memo.items()))  # keys too: they hold the descriptors
         self._memo = {}
         self._memo_bytes = 0
 
@@ -120,8 +122,12 @@ class RateLimiter:
         if self._memo_bytes + size > MEMO_BYTES:
             # Dicts keep insertion order: forget the older half rather than everything at once, so a
             # working set just over the budget does not miss on every request.
+            forgotten = []
             for old_key in list(itertools.islice(self._memo, len(self._memo) // 2 + 1)):
-                self._memo_bytes -= self._memo.pop(old_key)[1]
+                entry = self._memo.pop(old_key)
+                self._memo_bytes -= entry[1]
+                forgotten.append((old_key, entry))
+            _release_later(forgotten)
         self._memo[key] = (found, size)
         self._memo_bytes += size
         return found
@@ -221,6 +227,29 @@ def _request_digest(namespace: str, descriptors: Descriptors) -> str:
     """A short digest of what a reservation was made for; entry order does not matter."""
     content = [namespace, *(sorted(descriptor.items()) for descriptor in descriptors)]
     return hashlib.blake2b(json.dumps(content).encode("utf-8"), digest_size=8).hexdigest()
+
+
+RELEASE_CHUNK = 500
+"""Forgotten memo entries freed per turn of the event loop."""
+
+
+def _release_later(entries: list[tuple[MemoKey, tuple[CounterSet, int]]]) -> None:
+    """Free forgotten memo entries a chunk per turn of the running event loop: dropping a memo of
+    hundreds of thousands of counters at once is tens of milliseconds of deallocation, a stall of
+    every decision (a reload forgets the whole memo). Without a running loop they go at once."""
+    if len(entries) <= RELEASE_CHUNK:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+
+    def release() -> None:
+        del entries[-RELEASE_CHUNK:]
+        if entries:
+            loop.call_soon(release)
+
+    loop.call_soon(release)
 
 
 def _memo_key(namespace: str, descriptors: Descriptors) -> MemoKey:

@@ -15,6 +15,7 @@ hot-reloaded ConfigMap has nothing else to go on.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ class Limit:
     identity: Identity = field(init=False, repr=False)
     predicates: tuple[Predicate, ...] = field(init=False, repr=False)
     expressions: tuple[Expression, ...] = field(init=False, repr=False)
+    identity_digest: bytes = field(init=False, repr=False)
+    """128 bits of the identity, the same in every process (the memory table's shared registry keys
+    limits by it); made here, so a reload's limits are hashed while they are rebuilt, in slices."""
     _hash: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +96,7 @@ class Limit:
         set_field(self, "predicates", tuple(predicates[c] for c in conditions))
         set_field(self, "expressions", tuple(expressions[v] for v in variables))
         set_field(self, "identity", identity)
+        set_field(self, "identity_digest", hashlib.blake2b(repr(identity).encode("utf-8"), digest_size=16).digest())
         set_field(self, "_hash", hash(identity))
 
     def __eq__(self, other: object) -> bool:

@@ -17,7 +17,6 @@ Counters of limits that a reload removes stay for one window, so a limit that co
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import time
@@ -41,7 +40,6 @@ LIST_SCAN_ROWS = 1 << 15
 LIST_ROWS_PER_PAGE = 1 << 18
 """Rows one page scans at most, so a page that matches little still returns (with a cursor) soon."""
 SWEEP_ROWS = 1 << 16
-_IDENTITY_HASHES_KEPT = 1 << 16
 
 Clock = Callable[[], float]
 
@@ -71,7 +69,7 @@ class _Plan:
 
 def _identity_hash(limit: Limit) -> tuple[int, int]:
     """A limit identity as 128 bits, the same in every process (the registry is shared)."""
-    digest = hashlib.blake2b(repr(limit.identity).encode("utf-8"), digest_size=16).digest()
+    digest = limit.identity_digest
     return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True)
 
 
@@ -89,26 +87,17 @@ class MemoryStorage(Storage):
         self._max_values = np.zeros(self.table.limit_slots, dtype=np.int64)
         self._no_by_identity: dict[Identity, int] = {}
         self._limit_by_no: dict[int, Limit] = {}
-        self._hash_by_identity: dict[Identity, tuple[int, int]] = {}
         self._generation = 0
 
     # -- configuration ---------------------------------------------------------------------------
 
     def configure(self, limits: Sequence[Limit]) -> None:
         current = {limit.identity: limit for limit in limits}
-        # Hashing is most of a reload's time here (tens of ms for thousands of limits): remembered per
-        # identity, across reloads (a reload mostly brings back identities seen before).
-        known = self._hash_by_identity
-        if len(known) > _IDENTITY_HASHES_KEPT:
-            known.clear()
-        for identity, limit in current.items():
-            if identity not in known:
-                known[identity] = _identity_hash(limit)
-        ids = np.array([known[identity] for identity in current], dtype=np.int64).reshape(-1, 2)
+        ids = np.array([_identity_hash(limit) for limit in current.values()], dtype=np.int64).reshape(-1, 2)
         windows = np.array([limit.seconds * 1000 for limit in current.values()], dtype=np.int64)
         removed = [(no, identity) for identity, no in self._no_by_identity.items() if identity not in current]
         retire = np.array([no for no, _ in removed], dtype=np.int64)
-        retire_ids = np.array([known.get(identity) or _identity_hash(self._limit_by_no[no]) for no, identity in removed],
+        retire_ids = np.array([_identity_hash(self._limit_by_no[no]) for no, _ in removed],
                               dtype=np.int64).reshape(-1, 2)
         nos = np.zeros(len(current), dtype=np.int64)
         self._call(kernels.register_limits, ids, windows, retire, retire_ids, self._now_ms(), _pid(), nos)
