@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -150,35 +151,28 @@ def require_redis() -> None:
         pytest.fail("redis-server and redis-cli are needed: apt-get install -y redis-server")
 
 
+def _running(redis: RedisServer | RedisCluster) -> Iterator[Any]:
+    """Start `redis` (with redis-server installed), yield it, close it pass or fail."""
+    try:
+        require_redis()
+        yield redis.start()
+    finally:
+        redis.close()
+
+
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
     """A single Redis node for the module; tests flush it themselves when they need it empty."""
-    require_redis()
-    server = RedisServer()
-    try:
-        yield server.start()
-    finally:
-        server.close()
+    yield from _running(RedisServer())
 
 
 @pytest.fixture(scope="module")
 def redis_cluster() -> Iterator[RedisCluster]:
     """A 3-node Redis Cluster for the module."""
-    require_redis()
-    cluster = RedisCluster()
-    try:
-        yield cluster.start()
-    finally:
-        cluster.close()
+    yield from _running(RedisCluster())
 
 
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisServer]:
     """A single Redis node of the test's own, which the test may kill and restart."""
-    require_redis()
-    server = RedisServer()
-    try:
-        yield server.start()
-    finally:
-        server.close()
-
+    yield from _running(RedisServer())
