@@ -363,7 +363,7 @@ async def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
     assert limit.predicates[0].test([{"n": "7"}], limit.cel_binding)
 
 
-def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The parser child is killed (-9) between reloads: the next change is parsed in the service's
     process (logged), applied as usual, and the reload after it starts a new child."""
     path = limits_dir / "limits.yaml"
@@ -395,7 +395,7 @@ def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytes
         await watcher.stop()
         return children & again
 
-    assert asyncio.run(scenario()) == set()
+    assert await scenario() == set()
     assert "parser process died" in caplog.text
 
 
