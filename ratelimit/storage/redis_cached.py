@@ -192,6 +192,10 @@ class CachedRedisStorage(Storage):
         if delta and not entry.pending:
             self._dirty += 1
         entry.charge(delta, now)
+        # Marked again here, not only when the request found its copies: a flush that ran while the
+        # request awaited the copies' first read took them out of `_touched` before this charge, and
+        # the charge would never be written back (one hit per new counter lost, every replica short).
+        self._touched[entry.key] = entry
         if self._dirty >= self.batch_size:
             self._flush_now.set()
 
