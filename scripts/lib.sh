@@ -50,7 +50,8 @@ restore_opentelemetry_protos() {
 
 # pip_with_progress ARGS...: `pip install ARGS`, its full output in .venv/install.log, and on stderr one
 # progress line (rewritten in place on a terminal; every tenth package otherwise). On failure the end
-# of the log is shown and the script stops.
+# of the log is shown and the script stops. An install that installed nothing new (no "Successfully
+# installed" line: pip already current) is not a failure, which the grep below would be under pipefail.
 pip_with_progress() {
   local log=.venv/install.log pid status=0 count shown=-1 last
   .venv/bin/python -m pip install --progress-bar off "$@" >>"$log" 2>&1 &
@@ -73,7 +74,7 @@ pip_with_progress() {
     tail -n 25 "$log" >&2
     exit "$status"
   fi
-  grep -o '^Successfully installed.*' "$log" | tail -n 1 | awk '{ if (NF > 2) print "  installed " NF - 2 " packages" }' >&2
+  grep -o '^Successfully installed.*' "$log" | tail -n 1 | awk '{ if (NF > 2) print "  installed " NF - 2 " packages" }' >&2 || true
 }
 
 # ensure_system_programs program:debian-package ...: apt-get installs the packages whose program is missing.

@@ -4,6 +4,7 @@ decide exactly as one process would."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from ratelimit.storage.table import Layout, shm_free_bytes
 from ratelimit.tools.processes import free_ports
 from tests.prometheus_fixtures import PrometheusProcess
+from tests.redis_fixtures import RedisServer
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
@@ -200,3 +202,32 @@ def test_a_table_dev_shm_has_no_room_for_is_refused_at_start(tmp_path: Path) -> 
     assert "cannot start 2 workers: the shared counter table" in result.stderr
     assert "--shm-size" in result.stderr and "medium: Memory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_redis_health_metrics_are_summed_over_workers(
+    fresh_redis: RedisServer, tmp_path: Path, start_service: Callable[..., ServiceProcess],
+) -> None:
+    """With Redis, each worker has its own connections and counts its own failed decisions: a
+    scrape of either worker shows the sum, and `datastore_partitioned` 1 (the worst live worker)."""
+    path = tmp_path / "limits.yaml"
+    path.write_text(LIMITS)
+    service = start_service(path, "redis", fresh_redis.url, "--workers", "2", "--on-storage-error", "closed",
+                            "--response-timeout", "200", "--http-header-timeout", "120", timeout=90)
+    clients = clients_on_each_worker(service)
+    fresh_redis.kill()
+    body = {"namespace": "w", "values": {"user": "dave"}, "delta": 1}
+    for calls, client in zip((3, 5), clients.values(), strict=True):
+        for _ in range(calls):
+            assert client.post("/check_and_report", json=body).status_code == 503
+
+    def scraped(client: httpx.Client, name: str) -> float | None:
+        found = re.search(rf"^{name} (\S+)$", client.get("/metrics").text, re.MULTILINE)
+        return float(found.group(1)) if found else None
+
+    for client in clients.values():  # each worker's own errors reach the files within a second or so
+        def summed(client: httpx.Client = client) -> bool:
+            return scraped(client, "datastore_errors") == 8
+
+        wait_until(summed, timeout=60, interval=0.2, what="both workers' 8 failed decisions in one scrape")
+        assert scraped(client, "datastore_partitioned") == 1
+        client.close()
