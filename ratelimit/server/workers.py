@@ -91,13 +91,18 @@ def run_workers(config: ServiceConfig, workers: int) -> int:
     """Supervise `workers` worker processes until a signal; returns the exit status."""
     _check_port_free(config.http_ip, config.http_port)
     _check_port_free(config.rls_ip, config.rls_port)
+    try:
+        metrics_dir = tempfile.mkdtemp(prefix="ratelimit-metrics-")
+    except OSError as exc:
+        raise ServerError(f"cannot start {workers} workers: no directory for their metrics files: {exc} "
+                          "(set TMPDIR to a writable directory)") from None
     table = None
     if config.storage == "memory":
         try:
             table = CounterTable.create(config.cache_size or DEFAULT_CAPACITY, shared=True)
         except TableError as exc:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
             raise ServerError(f"cannot start {workers} workers: {exc}") from None
-    metrics_dir = tempfile.mkdtemp(prefix="ratelimit-metrics-")
     # Read by prometheus_client when a worker imports it: spawned workers inherit the environment.
     previous_dir = os.environ.get(_MULTIPROC_ENV)
     os.environ[_MULTIPROC_ENV] = metrics_dir
