@@ -21,6 +21,7 @@ from ratelimit.limits import Limit, LimitsError
 from ratelimit.sources.limits_file import LimitsFileWatcher, load_limits_file_contents
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.memory import MemoryStorage
+from ratelimit.storage.table import CounterTable
 from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
@@ -476,3 +477,28 @@ def test_service_keeps_limits_and_counters_through_a_truncated_file(
     assert counter["remaining"] == 0
     assert service.http.post("/check_and_report", json=check).status_code == 429
 
+
+
+async def test_limits_the_storage_cannot_take_are_reported_once_and_the_old_stay(
+    limits_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload past the memory table's limit registry (64 slots here) is refused like a bad file:
+    once in the log and in /status, the old limits in force, until the file changes."""
+    path = limits_dir / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    engine = RateLimiter(MemoryStorage(table=CounterTable.create(1000, limit_slots=64)))
+    status = ConfigStatus(source=str(path))
+    watcher = LimitsFileWatcher(path, engine, status, interval=POLL)
+    watcher.load()
+    too_many = "".join(limits_yaml(300, seconds=60 + i, name=f"limit-{i}") for i in range(80))  # 80 identities
+    async with watcher:
+        write_atomically(path, too_many)
+        deadline = time.monotonic() + 30
+        while status.config_error is None:
+            assert time.monotonic() < deadline, f"not refused: {status}"
+            await asyncio.sleep(POLL)
+        await asyncio.sleep(10 * POLL)  # more polls of the same content
+    assert "limit registry is full" in status.config_error
+    assert max_values(engine) == [300]
+    refusals = [r for r in caplog.records if "cannot apply these limits" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].exc_info is None

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from ratelimit.counters import StorageError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError, parse_limits
 from ratelimit.pacing import Pace
@@ -241,7 +242,13 @@ class LimitsFileWatcher:
             return False
         if isinstance(outcome, _RejectedContent):
             return self._reject(outcome.digest, outcome.error)
-        self._apply(*outcome)
+        try:
+            self._apply(*outcome)
+        except StorageError as exc:
+            # The storage cannot take these limits (the memory table's limit registry is full): the
+            # old limits stay, and like a bad file it is reported once, in the log and /status, until
+            # the content changes (not a traceback every poll).
+            return self._reject(outcome[0], LimitsError(self.path, f"cannot apply these limits: {exc}"))
         return True
 
     def _stat(self) -> tuple[_Fingerprint, ...] | _Missing:
