@@ -240,9 +240,15 @@ def _check_workload(
             assert charged == exact, (user, charged, exact)
 
 
-async def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
+def test_parallel_streams_of_one_user_never_overshoot_on_the_ext_proc_route(
     service: ServiceProcess, proxies: dict[str, Envoy]
 ) -> None:
+    # Its own loop (asyncio.run), not anyio's runner: the SDK may close a refused stream's connection
+    # from its finalizer after the test, which anyio's runner reports as the test's error (2 of 4 runs).
+    asyncio.run(_parallel_streams(service, proxies))
+
+
+async def _parallel_streams(service: ServiceProcess, proxies: dict[str, Envoy]) -> None:
     """32 streamed requests at once, a budget for 10: the meter reserves each request's estimate, so
     what is admitted is what the budget holds, and the charged usage never passes it."""
     client = openai.AsyncOpenAI(base_url=f"{proxies[EXT_PROC].url}/v1", api_key="unused", max_retries=0, timeout=60)
