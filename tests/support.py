@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from ratelimit.storage.table import Layout, shm_free_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
@@ -52,3 +54,16 @@ class OwnLoop:
 
     def close(self) -> None:
         self.loop.close()
+
+
+def capacity_dev_shm_has_no_room_for() -> int:
+    """A memory-table capacity whose shared block is bigger than what /dev/shm has free (skips the
+    test when even the largest table would fit)."""
+    free = shm_free_bytes()
+    assert free is not None
+    capacity = 1 << 16
+    while Layout.for_capacity(capacity).offsets()[1] * 8 <= free and capacity < 1 << 29:
+        capacity *= 2
+    if Layout.for_capacity(capacity).offsets()[1] * 8 <= free:
+        pytest.skip(f"/dev/shm has {free:,} bytes free: more than the largest table")
+    return capacity

@@ -24,8 +24,9 @@ from ratelimit.counters import StorageFullError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
 from ratelimit.storage.memory import MemoryStorage
-from ratelimit.storage.table import CounterTable, Layout, TableError, shm_free_bytes
+from ratelimit.storage.table import CounterTable, TableError
 from tests.reference_model import ReferenceModel
+from tests.support import capacity_dev_shm_has_no_room_for
 
 NS = "maas/model"
 USER = "descriptors[0]['user']"
@@ -354,12 +355,6 @@ async def test_a_full_shared_table_refuses_new_keys_and_counts_refusals_for_ever
 def test_a_table_bigger_than_dev_shm_is_refused_at_creation() -> None:
     """The block is sparse, so creating it would succeed and a worker die of SIGBUS later, once
     counters fill pages /dev/shm has no room for: refused up front, with the remedy."""
-    free = shm_free_bytes()
-    assert free is not None
-    capacity = 1 << 16
-    while Layout.for_capacity(capacity).offsets()[1] * 8 <= free and capacity < 1 << 29:
-        capacity *= 2
-    if Layout.for_capacity(capacity).offsets()[1] * 8 <= free:
-        pytest.skip(f"/dev/shm has {free:,} bytes free: more than the largest table")
+    capacity = capacity_dev_shm_has_no_room_for()
     with pytest.raises(TableError, match=r"needs [\d,]+ MiB of /dev/shm, which has [\d,]+ MiB free .*--shm-size"):
         CounterTable.create(capacity, shared=True)

@@ -17,12 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ratelimit.storage.table import Layout, shm_free_bytes
 from ratelimit.tools.processes import free_ports
 from tests.prometheus_fixtures import PrometheusProcess
 from tests.redis_fixtures import RedisServer
 from tests.service_fixtures import ServiceProcess
-from tests.support import wait_until
+from tests.support import capacity_dev_shm_has_no_room_for, wait_until
 
 LIMITS = """
 - {namespace: w, name: per-user, max_value: 1000, seconds: 600, variables: ["descriptors[0]['user']"]}
@@ -194,13 +193,7 @@ def answering_workers(service: ServiceProcess) -> set[str]:
 def test_a_table_dev_shm_has_no_room_for_is_refused_at_start(tmp_path: Path) -> None:
     """Docker's default 64 MB /dev/shm holds a table of about 200k counters: asking for more than
     /dev/shm has room for fails at start with one line that says what to do, not later with SIGBUS."""
-    free = shm_free_bytes()
-    assert free is not None
-    capacity = 1 << 16
-    while Layout.for_capacity(capacity).offsets()[1] * 8 <= free and capacity < 1 << 29:
-        capacity *= 2
-    if Layout.for_capacity(capacity).offsets()[1] * 8 <= free:
-        pytest.skip(f"/dev/shm has {free:,} bytes free: more than the largest table")
+    capacity = capacity_dev_shm_has_no_room_for()
     limits = tmp_path / "limits.yaml"
     limits.write_text(LIMITS)
     http_port, rls_port = free_ports(2, "127.0.0.1")

@@ -188,11 +188,10 @@ class MemoryStorage(Storage):
         scanned_until = cursor + LIST_ROWS_PER_PAGE
         while next_cursor is not None and len(statuses) < max_counters and next_cursor < scanned_until:
             listed, key_bytes, now, next_cursor = self._chunk(wanted, needle, next_cursor, max_counters - len(statuses))
-            for _, no, value, expires, reserved, length, first_word in listed.tolist():
-                counter = _counter_at(limit_of_no[no], key_bytes, first_word, length)
-                if match is not None and not match(counter):
-                    continue
-                statuses.append(CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved))
+            for row in listed.tolist():
+                status = _status_at(limit_of_no, row, key_bytes, now)
+                if match is None or match(status.counter):
+                    statuses.append(status)
         return statuses, next_cursor
 
     async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
@@ -222,10 +221,8 @@ class MemoryStorage(Storage):
             else:
                 busier = np.arange(len(listed))
             for k in busier[np.argsort(-chunk_used[busier], kind="stable")][:top_n].tolist():
-                _, no, value, expires, reserved, length, first_word = listed[k].tolist()
-                counter = _counter_at(limit_of_no[no], key_bytes, first_word, length)
-                status = CounterStatus(counter, value, (expires - now) / 1000 if expires else 0.0, reserved)
-                candidates.append((-(value + reserved), seen + k, status))
+                status = _status_at(limit_of_no, listed[k].tolist(), key_bytes, now)
+                candidates.append((-(status.value + status.reserved), seen + k, status))
             seen += len(listed)
             await pace.rest()
         candidates.sort(key=lambda candidate: candidate[:2])
@@ -384,14 +381,22 @@ class MemoryStorage(Storage):
         if load_counters:
             states = out[kernels.RESULT_WORDS :].reshape(n, kernels.STATE_WIDTH).tolist()
             for limit, values, (_, used, expires, reserved) in zip(plan.limits, plan.values, states, strict=True):
-                statuses.append(CounterStatus(Counter(limit, values), used, (expires - now) / 1000 if expires else 0.0,
-                                              reserved))
+                statuses.append(CounterStatus(Counter(limit, values), used, _expires_in(expires, now), reserved))
         return Decision(plan.limits[code] if code >= 0 else None, statuses), out
 
 
-def _counter_at(limit: Limit, key_bytes: np.ndarray, first_word: int, length: int) -> Counter:
+def _status_at(limit_of_no: dict[int, Limit], row: list[int], key_bytes: np.ndarray, now: int) -> CounterStatus:
+    """The CounterStatus of one row as kernels.list_rows copied it out (its key in `key_bytes`)."""
+    _, no, value, expires, reserved, length, first_word = row
+    limit = limit_of_no[no]
     qualifier = key_bytes[8 * first_word : 8 * first_word + length].tobytes().decode("utf-8")
-    return Counter(limit, Counter.values_from_qualifier(limit, qualifier))
+    return CounterStatus(Counter(limit, Counter.values_from_qualifier(limit, qualifier)), value,
+                         _expires_in(expires, now), reserved)
+
+
+def _expires_in(expires_at: int, now: int) -> float:
+    """Seconds until a window ends, from the table's milliseconds (0 when no window runs)."""
+    return (expires_at - now) / 1000 if expires_at else 0.0
 
 
 def _cursor_row(cursor: str | None) -> int:
