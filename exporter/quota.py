@@ -36,6 +36,10 @@ ReadSummary = Callable[[int, Sequence[float]], Awaitable[CounterSummary]]
 """(top_n, thresholds) -> the summary of every counter (Storage.counter_summary)."""
 
 
+_Groups = dict[tuple[str, str, str], list[LimitSummary]]
+"""Summaries of the limits of one (namespace, limit name, window): one set of series."""
+
+
 @dataclass(frozen=True)
 class _Row:
     namespace: str
@@ -101,20 +105,21 @@ class QuotaCollector:
         listing_ok = Metric("ratelimit_quota_listing_ok", "1 when the last scrape could read the counters", "gauge")
         listing_ok.add_sample(listing_ok.name, {}, 1 if self.listing_ok else 0)
         counts = Metric("ratelimit_quota_counters", "Live counters per limit (before the top-N cap)", "gauge")
-        for row in self._rows():
+        groups = self._by_limit_key()
+        for row in self._rows(groups):
             labels = dict(zip(label_names, (row.namespace, row.limit_name, row.window, row.counter, *row.labels)))
             labels = {name: value for name, value in labels.items() if value != ""}
             for key, family in families.items():
                 family.add_sample(family.name, labels, getattr(row, key))
-        for (namespace, name, window), group in self._by_limit_key().items():
+        for (namespace, name, window), group in groups.items():
             counts.add_sample(counts.name, {NAMESPACE_LABEL: namespace, "limit_name": name,
                                             "window_seconds": window}, sum(s.counters for s in group))
-        return [listing_ok, *families.values(), counts, self._at_or_above()]
+        return [listing_ok, *families.values(), counts, self._at_or_above(groups)]
 
-    def _rows(self) -> list[_Row]:
+    def _rows(self, groups: _Groups) -> list[_Row]:
         """The top_n busiest counters, then one summed row per (namespace, limit) for the rest."""
         rows = [self._row(status) for status in self._summary.busiest]
-        for (namespace, name, window), group in self._by_limit_key().items():
+        for (namespace, name, window), group in groups.items():
             rest = [summary for summary in group if summary.others]
             if rest:
                 rows.append(_Row(
@@ -134,19 +139,19 @@ class QuotaCollector:
         by_source = {_normalise(source): value for source, value in status.counter.set_variables.items()}
         return tuple(by_source.get(_normalise(expr.source), "") for expr in self._custom.values())
 
-    def _by_limit_key(self) -> dict[tuple[str, str, str], list[LimitSummary]]:
+    def _by_limit_key(self) -> _Groups:
         """Limits of one (namespace, name, window) are one set of series, whatever their conditions."""
-        groups: dict[tuple[str, str, str], list[LimitSummary]] = {}
+        groups: _Groups = {}
         for limit, summary in self._summary.limits.items():
             groups.setdefault(_limit_key(limit), []).append(summary)
         return groups
 
-    def _at_or_above(self) -> Metric:
+    def _at_or_above(self, groups: _Groups) -> Metric:
         """Per limit, how many of its counters (all of them, not only the top N) used at least
         each threshold of their limit."""
         family = Metric("ratelimit_quota_counters_at_or_above",
                         "Live counters whose used / limit is at least `threshold`", "gauge")
-        for (namespace, name, window), group in sorted(self._by_limit_key().items()):
+        for (namespace, name, window), group in sorted(groups.items()):
             for k, threshold in enumerate(UTILISATION_THRESHOLDS):
                 family.add_sample(family.name, {NAMESPACE_LABEL: namespace, "limit_name": name, "window_seconds": window,
                                                 "threshold": repr(threshold)}, sum(s.at_or_above[k] for s in group))
