@@ -16,6 +16,9 @@ import time
 
 CONTROL_PLANE_SHARE = 0.5
 """At most this fraction of the event loop's time goes to one control-plane walk."""
+SLICE_SECONDS = 0.0003
+"""How long work that can stop anywhere (one item at a time) runs before it rests: a decision
+that arrives meanwhile waits at most this long at each of its turns of the loop."""
 
 
 class Pace:
@@ -27,7 +30,18 @@ class Pace:
         self._rest_per_work = (1 - share) / share
         self._since = time.perf_counter()
 
-    async def rest(self) -> None:
-        worked = time.perf_counter() - self._since
-        await asyncio.sleep(worked * self._rest_per_work)
+    def worked_a_slice(self) -> bool:
+        """For work done item by item: has it run SLICE_SECONDS since it last rested?"""
+        return time.perf_counter() - self._since >= SLICE_SECONDS
+
+    def begin(self) -> None:
+        """Work starts now (for work resumed by a callback, not by `rest`)."""
         self._since = time.perf_counter()
+
+    def rest_seconds(self) -> float:
+        """How long to rest after the work since the last rest (or `begin`)."""
+        return (time.perf_counter() - self._since) * self._rest_per_work
+
+    async def rest(self) -> None:
+        await asyncio.sleep(self.rest_seconds())
+        self.begin()

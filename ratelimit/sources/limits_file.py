@@ -68,6 +68,11 @@ _RACY_SECONDS = 2.0
 # Stands for "no content" (missing or unreadable file), so that state is reported once, not per poll.
 _MISSING_DIGEST = b"missing"
 
+PARSER_NICENESS = 10
+"""How much lower than the service the parser process runs: where the service has no core to
+spare (two cores, a load generator on one), a reload's parse would otherwise take CPU time from
+decisions for as long as it runs; niced, it takes what decisions leave."""
+
 YAML_SUFFIXES = (".yaml", ".yml")
 
 Loader = Callable[[Mapping[str, bytes]], Any]
@@ -191,13 +196,20 @@ class LimitsFileWatcher:
             outcome = await self._parse_in_child(outcome)
         return self._conclude(outcome)
 
-    async def _parse_in_child(self, content: _Content) -> _Outcome:
+    def _start_parser(self) -> ProcessPoolExecutor:
         if self._parser is None:
             # spawn, not fork: this process runs gRPC's and numba's threads, which fork does not copy.
-            self._parser = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            self._parser = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=os.nice, initargs=(PARSER_NICENESS,),
+            )
+        return self._parser
+
+    async def _parse_in_child(self, content: _Content) -> _Outcome:
+        parser = self._start_parser()
         try:
             pickled, error = await asyncio.get_running_loop().run_in_executor(
-                self._parser, _parse_pickled, self.loader, content.files
+                parser, _parse_pickled, self.loader, content.files
             )
         except BrokenProcessPool:
             # The child died (killed, out of memory): parse here this once, start a new child next time.
@@ -374,10 +386,6 @@ def _parse(loader: Loader, files: Mapping[str, bytes]) -> tuple[Any, LimitsError
         return None, exc
 
 
-_UNPICKLE_CHUNK = 8
-"""Items rebuilt per turn of the event loop: a limit whose CEL texts are new compiles in ~0.5 ms."""
-
-
 def _parse_pickled(loader: Loader, files: Mapping[str, bytes]) -> tuple[list[bytes] | bytes, LimitsError | None]:
     """`_parse` in a parser process, the result pickled here item by item (a list) or whole: so
     that the service rebuilds it in paced chunks on its event loop, not in one long unpickling
@@ -393,9 +401,10 @@ async def _unpickle_paced(pickled: list[bytes] | bytes) -> Any:
         return pickle.loads(pickled)
     pace = Pace()
     items: list[Any] = []
-    for start in range(0, len(pickled), _UNPICKLE_CHUNK):
-        items.extend(pickle.loads(item) for item in pickled[start : start + _UNPICKLE_CHUNK])
-        await pace.rest()
+    for item in pickled:
+        items.append(pickle.loads(item))
+        if pace.worked_a_slice():
+            await pace.rest()
     return items
 
 
