@@ -295,7 +295,7 @@ async def test_a_stale_worker_does_not_retire_a_reused_number() -> None:
     engine.configure_with([*fillers, new])
     await engine.report("new", [{"user": "bob"}], 3)
     second.configure([*fillers, new])  # `second` retires what it knew as `old`: not `new`'s number
-    slot = table.words[kernels.H_OFF_LIMITS] + first._no_by_identity[new.identity] * kernels.LIMIT_WIDTH
+    slot = table.words[kernels.H_OFF_LIMITS] + first._no_by_digest[new.identity_digest] * kernels.LIMIT_WIDTH
     assert table.words[slot + kernels.STATE] == kernels.LIMIT_ACTIVE  # retired, it could be freed while in use
     [counter] = await engine.get_counters("new")
     assert counter.value == 3

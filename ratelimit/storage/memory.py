@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
 from ratelimit.counters import Commit, Counter, CounterStatus, Decision, Reservation, StorageError, StorageFullError
-from ratelimit.limits import Identity, Limit
+from ratelimit.limits import Limit
 from ratelimit.pacing import Pace
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
@@ -37,6 +37,10 @@ LIST_PAGE = 1000
 """Counters one listing call returns at most unless asked for fewer."""
 LIST_SCAN_ROWS = 1 << 15
 """Rows one listing kernel call scans under the lock (a fraction of a millisecond)."""
+SUMMARY_CHUNK = 1 << 13
+"""Live counters a summary takes per chunk: reading them out and adding them up is about half a
+millisecond of the event loop (32k rows a chunk held it 3-4 ms, which showed in decision latency
+during quota scrapes)."""
 LIST_ROWS_PER_PAGE = 1 << 18
 """Rows one page scans at most, so a page that matches little still returns (with a cursor) soon."""
 SWEEP_ROWS = 1 << 16
@@ -67,10 +71,11 @@ class _Plan:
         self.values = values
 
 
-def _identity_hash(limit: Limit) -> tuple[int, int]:
-    """A limit identity as 128 bits, the same in every process (the registry is shared)."""
-    digest = limit.identity_digest
-    return int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:], "little", signed=True)
+def _identity_hashes(limits: Iterable[Limit]) -> np.ndarray:
+    """Each limit's identity as 128 bits (two int64 words a row), the same in every process (the
+    registry is shared). In one numpy call: a reload of thousands of limits runs on the event loop."""
+    # A copy: frombuffer's array is read-only, a different type to numba (another compilation).
+    return np.frombuffer(b"".join(limit.identity_digest for limit in limits), dtype="<i8").reshape(-1, 2).copy()
 
 
 class MemoryStorage(Storage):
@@ -85,20 +90,22 @@ class MemoryStorage(Storage):
         self._words = self.table.words
         self._clock = clock
         self._max_values = np.zeros(self.table.limit_slots, dtype=np.int64)
-        self._no_by_identity: dict[Identity, int] = {}
+        self._no_by_digest: dict[bytes, int] = {}
+        """Limit number of each configured limit, by its identity_digest."""
         self._limit_by_no: dict[int, Limit] = {}
         self._generation = 0
 
     # -- configuration ---------------------------------------------------------------------------
 
     def configure(self, limits: Sequence[Limit]) -> None:
-        current = {limit.identity: limit for limit in limits}
-        ids = np.array([_identity_hash(limit) for limit in current.values()], dtype=np.int64).reshape(-1, 2)
+        # Keyed by identity_digest, whose hash Python keeps: a reload of thousands of limits runs on
+        # the event loop, and hashing identity tuples (rebuilt each time) was half of its cost.
+        current = {limit.identity_digest: limit for limit in limits}
+        ids = _identity_hashes(current.values())
         windows = np.array([limit.seconds * 1000 for limit in current.values()], dtype=np.int64)
-        removed = [(no, identity) for identity, no in self._no_by_identity.items() if identity not in current]
-        retire = np.array([no for no, _ in removed], dtype=np.int64)
-        retire_ids = np.array([_identity_hash(self._limit_by_no[no]) for no, _ in removed],
-                              dtype=np.int64).reshape(-1, 2)
+        removed = [no for digest, no in self._no_by_digest.items() if digest not in current]
+        retire = np.array(removed, dtype=np.int64)
+        retire_ids = _identity_hashes(self._limit_by_no[no] for no in removed)
         nos = np.zeros(len(current), dtype=np.int64)
         self._call(kernels.register_limits, ids, windows, retire, retire_ids, self._now_ms(), _pid(), nos)
         if (nos < 0).any():
@@ -108,14 +115,10 @@ class MemoryStorage(Storage):
                 f"window plus {kernels.REUSE_GRACE_MS // 60_000} minutes ago or still holding counters (a "
                 "removed limit's slot is freed after that); reload fewer limits, or wait"
             )
-        by_identity = {}
-        by_no = {}
-        for (identity, limit), no in zip(current.items(), nos.tolist(), strict=True):
-            by_identity[identity] = no
-            by_no[no] = limit
-            self._max_values[no] = limit.max_value
-        self._no_by_identity = by_identity
-        self._limit_by_no = by_no
+        numbers = nos.tolist()
+        self._max_values[nos] = [limit.max_value for limit in current.values()]
+        self._no_by_digest = dict(zip(current, numbers, strict=True))
+        self._limit_by_no = dict(zip(numbers, current.values(), strict=True))
         self._generation += 1  # plans of removed limits must not be used any more
 
     # -- decisions -------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ class MemoryStorage(Storage):
     async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
         """`summarize` over every live counter of `limits`, computed from the table in numpy: a
         Python object only for the busiest `top_n` counters. The table is scanned in chunks of
-        LIST_SCAN_ROWS rows (each under the lock for a fraction of a millisecond), the event loop
+        at most SUMMARY_CHUNK live counters (each under the lock for a fraction of a millisecond), the event loop
         free in between (paced: ratelimit.pacing); counters that change meanwhile are seen before or after."""
         pace = Pace()
         wanted, limit_of_no = self._wanted(limits)
@@ -206,7 +209,7 @@ class MemoryStorage(Storage):
         seen = 0
         cursor: int | None = 0 if limit_of_no else None
         while cursor is not None:
-            listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, LIST_SCAN_ROWS)
+            listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, SUMMARY_CHUNK)
             numbers = listed[:, 1]
             chunk_used = listed[:, 2] + listed[:, 4]
             resets = np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0)
@@ -265,7 +268,7 @@ class MemoryStorage(Storage):
         wanted = np.zeros(self.table.limit_slots, dtype=np.bool_)
         limit_of_no: dict[int, Limit] = {}
         for limit in limits:
-            no = self._no_by_identity.get(limit.identity)
+            no = self._no_by_digest.get(limit.identity_digest)
             if no is not None:
                 wanted[no] = True
                 limit_of_no[no] = limit
@@ -335,10 +338,10 @@ class MemoryStorage(Storage):
         plan = counter_set.storage_handle
         if isinstance(plan, _Plan) and plan.generation == self._generation:
             return plan
-        no_by_identity = self._no_by_identity
+        no_by_digest = self._no_by_digest
         # Counters of limits that a concurrent reload removed are left out: their limit is gone.
         known = [(limit, values, no) for limit, values in zip(counter_set.limits, counter_set.values, strict=True)
-                 if (no := no_by_identity.get(limit.identity)) is not None]
+                 if (no := no_by_digest.get(limit.identity_digest)) is not None]
         keys = [Counter(limit, values).qualifier().encode("utf-8") for limit, values, _ in known]
         n = len(known)
         lengths = [len(key) for key in keys]
