@@ -227,7 +227,7 @@ _UNAUTHORIZED: Responses = {
 
 MAX_COUNTERS_PER_CALL = 10_000
 """What one /counters call returns at most, paged or not; the rest is reached with the cursor."""
-PAGE_CHUNK = 100
+PAGE_CHUNK = 25
 """Counters asked of the storage at a time while one call collects its answer: reading and
 formatting a counter costs ~10 microseconds, so a chunk keeps the event loop for about a millisecond."""
 NEXT_CURSOR_HEADER = "X-Next-Cursor"
