@@ -229,7 +229,8 @@ MAX_COUNTERS_PER_CALL = 10_000
 """What one /counters call returns at most, paged or not; the rest is reached with the cursor."""
 PAGE_CHUNK = 25
 """Counters asked of the storage at a time while one call collects its answer: reading and
-formatting a counter costs ~10 microseconds, so a chunk keeps the event loop for about a millisecond."""
+formatting a counter costs ~10 microseconds, so a chunk keeps the event loop for a quarter of a
+millisecond (a decision waits that long at most at each of its turns of the loop)."""
 NEXT_CURSOR_HEADER = "X-Next-Cursor"
 WORKER_HEADER = "X-Ratelimit-Pid"
 _STATUS_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"description": "The service's configuration status", "headers": {
