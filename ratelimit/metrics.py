@@ -28,6 +28,7 @@ not written there: the answering worker reports them once.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -46,6 +47,7 @@ from prometheus_client.utils import floatToGoString
 
 from ratelimit.cel import CelError, Expression, MapExpression, compile_expression, compile_map_expression
 from ratelimit.limits import Limit
+from ratelimit.pacing import Pace
 from ratelimit.storage.base import Storage, StorageWrapper
 
 NAMESPACE_LABEL = "limitador_namespace"
@@ -324,15 +326,35 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text format (0.0.4) and its content type."""
+        return b"".join(self._rendered_parts()), CONTENT_TYPE_PLAIN_0_0_4
+
+    async def render_paced(self) -> tuple[bytes, str]:
+        """`render` on the event loop in slices (ratelimit.pacing): quota gauges are thousands of
+        series, ~10 ms to format. In a thread instead, that thread held the interpreter lock for
+        milliseconds at a time against every decision."""
+        pace = Pace()
         parts = []
+        for part in self._rendered_parts():
+            parts.append(part)
+            if pace.worked_a_slice():
+                await pace.rest()
+        return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
+
+    def _rendered_parts(self) -> Iterator[bytes]:
+        """The exposition a piece at a time: a family, or RENDER_LINES lines of one."""
         for metric in self.families():
             if metric.type in ("counter", "gauge"):
-                parts.append("".join(_render_simple(metric, self.total_suffix)).encode("utf-8"))
+                lines = _render_simple(metric, self.total_suffix)
+                while chunk := list(itertools.islice(lines, RENDER_LINES)):
+                    yield "".join(chunk).encode("utf-8")
             else:
                 # Without prometheus_client's `<name>_created` gauges: Limitador has none.
                 metric.samples = [s for s in metric.samples if s.name != metric.name + "_created"]
-                parts.append(generate_latest(_Single(metric)))
-        return b"".join(parts), CONTENT_TYPE_PLAIN_0_0_4
+                yield generate_latest(_Single(metric))
+
+
+RENDER_LINES = 100
+"""Lines of one family formatted at a time by `render_paced` (~0.1 ms)."""
 
 
 _BARE_COUNTERS = frozenset({

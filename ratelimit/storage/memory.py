@@ -37,7 +37,7 @@ LIST_PAGE = 1000
 """Counters one listing call returns at most unless asked for fewer."""
 LIST_SCAN_ROWS = 1 << 15
 """Rows one listing kernel call scans under the lock (a fraction of a millisecond)."""
-SUMMARY_CHUNK = 1 << 13
+SUMMARY_CHUNK = 1 << 11
 """Live counters a summary takes per chunk: reading them out and adding them up is about half a
 millisecond of the event loop (32k rows a chunk held it 3-4 ms, which showed in decision latency
 during quota scrapes)."""
