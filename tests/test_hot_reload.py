@@ -364,6 +364,34 @@ async def test_reload_is_parsed_in_a_child_process(limits_dir: Path) -> None:
     assert limit.predicates[0].test([{"n": "7"}], limit.cel_binding)
 
 
+async def test_a_reload_keeps_unchanged_limits_as_they_are(limits_dir: Path) -> None:
+    """A reload rebuilds only the limits that changed: the others stay the very objects in use (no
+    CEL compiled again, nothing new for the garbage collector), through the start-up load and
+    through reloads parsed in the child; a changed one is new and in effect."""
+    path = limits_dir / "limits.yaml"
+    texts = [limits_yaml(100 + i, seconds=60 + i, name=f"limit-{i}") for i in range(3)]  # three identities
+    path.write_text("".join(texts))
+    harness = Harness(path)
+    before = {limit.name: limit for limit in harness.engine.get_limits(NAMESPACE)}
+    harness.watcher.start()
+    try:
+        for version, changed in ((2, 1), (3, 2)):
+            texts[changed] = limits_yaml(900 + version, seconds=60 + changed, name=f"limit-{changed}")
+            write_atomically(path, "".join(texts))
+            deadline = time.monotonic() + 60
+            while harness.status.config_version < version:
+                assert time.monotonic() < deadline, f"not applied: {harness.status}"
+                await asyncio.sleep(POLL)
+            after = {limit.name: limit for limit in harness.engine.get_limits(NAMESPACE)}
+            assert after[f"limit-{changed}"].max_value == 900 + version
+            assert after[f"limit-{changed}"] is not before[f"limit-{changed}"]
+            kept = [name for name in after if after[name] is before[name]]
+            assert kept == [f"limit-{k}" for k in range(3) if k != changed]
+            before = after
+    finally:
+        await harness.watcher.stop()
+
+
 async def test_a_killed_parser_process_costs_no_reload(limits_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The parser child is killed (-9) between reloads: the next change is parsed in the service's
     process (logged), applied as usual, and the reload after it starts a new child."""

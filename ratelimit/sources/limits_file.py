@@ -28,9 +28,10 @@ one-second poll adds nothing noticeable.
 A running service parses what changed in a child process (`poll_off_loop`): libyaml builds a whole
 document in one C call that holds the interpreter lock (0.3 s for 2,000 limits), and validating
 compiles every CEL text; in a thread either would stall every decision that long. The child sends
-the limits back pickled one by one; they are rebuilt here a few at a time on the event loop (paced,
-ratelimit.pacing), from the compile cache (ratelimit.cel) for texts seen before, so a reload costs
-the decision process about the work of the limits that really changed, in slices.
+the limits back pickled one by one; they are rebuilt here in slices on the event loop (paced,
+ratelimit.pacing), from the compile cache (ratelimit.cel) for texts seen before, and a limit whose
+pickled bytes are those of a limit already in use is that limit, not rebuilt: a reload costs the
+decision process about the work of the limits that really changed.
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ class LimitsFileWatcher:
         self._task: asyncio.Task[None] | None = None
         self._parser: ProcessPoolExecutor | None = None
         """The child process that parses reloads, started at the first one."""
+        self._rebuilt: dict[bytes, Any] = {}
+        """The items (limits) of the last content parsed, by their pickled bytes: a reload keeps an
+        unchanged limit as the object it already is instead of rebuilding it."""
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -174,6 +178,8 @@ class LimitsFileWatcher:
             raise outcome.error
         assert outcome is not None
         self._apply(*outcome)
+        if isinstance(outcome[1], list):  # at start-up, before any decision: pickling costs nothing
+            self._rebuilt = {pickle.dumps(item): item for item in outcome[1]}
         return outcome[1]
 
     def poll(self) -> bool:
@@ -218,7 +224,11 @@ class LimitsFileWatcher:
             return self._parse(content)
         if error is not None:
             return _RejectedContent(content.digest, error)
-        return content.digest, await _unpickle_paced(pickled)
+        if isinstance(pickled, bytes):
+            return content.digest, pickle.loads(pickled)
+        items = await _unpickle_paced(pickled, self._rebuilt)
+        self._rebuilt = dict(zip(pickled, items, strict=True))
+        return content.digest, items
 
     def _parse(self, content: _Content) -> _Outcome:
         parsed, error = _parse(self.loader, content.files)
@@ -396,13 +406,13 @@ def _parse_pickled(loader: Loader, files: Mapping[str, bytes]) -> tuple[list[byt
     return pickle.dumps(parsed), error
 
 
-async def _unpickle_paced(pickled: list[bytes] | bytes) -> Any:
-    if isinstance(pickled, bytes):
-        return pickle.loads(pickled)
+async def _unpickle_paced(pickled: list[bytes], known: Mapping[bytes, Any]) -> list[Any]:
+    """The items, each rebuilt from its bytes unless `known` has it already, in paced slices."""
     pace = Pace()
     items: list[Any] = []
     for item in pickled:
-        items.append(pickle.loads(item))
+        found = known.get(item)
+        items.append(pickle.loads(item) if found is None else found)
         if pace.worked_a_slice():
             await pace.rest()
     return items
