@@ -25,7 +25,8 @@ Polling costs one stat per file per interval, needs no extra dependency and also
 not (NFS, some container overlays); kubelet itself only syncs ConfigMaps every minute or so, so a
 one-second poll adds nothing noticeable.
 
-A running service parses what changed in a child process (`poll_off_loop`): libyaml builds a whole
+A running service parses what changed in a child process (`poll_off_loop`, ratelimit.sources.
+parser_process: started with the watcher, niced, ~55 MB): libyaml builds a whole
 document in one C call that holds the interpreter lock (0.3 s for 2,000 limits), and validating
 compiles every CEL text; in a thread either would stall every decision that long. The child sends
 the limits back pickled one by one; they are rebuilt here in slices on the event loop (paced,
@@ -40,13 +41,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import multiprocessing
 import os
 import pickle
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +53,7 @@ from ratelimit.counters import StorageError
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit, LimitsError, parse_limits
 from ratelimit.pacing import Pace
+from ratelimit.sources.parser_process import ParserProcess, ParserProcessDied
 from ratelimit.sources.status import ConfigStatus
 
 logger = logging.getLogger(__name__)
@@ -158,8 +157,8 @@ class LimitsFileWatcher:
         self._digest: bytes | None = None
         """Hash of the last content tried (applied or rejected), so each version is handled once."""
         self._task: asyncio.Task[None] | None = None
-        self._parser: ProcessPoolExecutor | None = None
-        """The child process that parses reloads, started at the first one."""
+        self._parser = ParserProcess(PARSER_NICENESS)
+        """The child process that parses reloads, started with the watcher (`__aenter__`)."""
         self._rebuilt: dict[bytes, Any] = {}
         """The items (limits) of the last content parsed, by their pickled bytes: a reload keeps an
         unchanged limit as the object it already is instead of rebuilding it."""
@@ -202,25 +201,12 @@ class LimitsFileWatcher:
             outcome = await self._parse_in_child(outcome)
         return self._conclude(outcome)
 
-    def _start_parser(self) -> ProcessPoolExecutor:
-        if self._parser is None:
-            # spawn, not fork: this process runs gRPC's and numba's threads, which fork does not copy.
-            self._parser = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=os.nice, initargs=(PARSER_NICENESS,),
-            )
-        return self._parser
-
     async def _parse_in_child(self, content: _Content) -> _Outcome:
-        parser = self._start_parser()
         try:
-            pickled, error = await asyncio.get_running_loop().run_in_executor(
-                parser, _parse_pickled, self.loader, content.files
-            )
-        except BrokenProcessPool:
+            pickled, error = await self._parser.call(_parse_pickled, self.loader, content.files)
+        except ParserProcessDied:
             # The child died (killed, out of memory): parse here this once, start a new child next time.
             logger.error("the %s parser process died; parsing %s in the service process", self.what, self.path)
-            self._parser = None
             return self._parse(content)
         if error is not None:
             return _RejectedContent(content.digest, error)
@@ -361,11 +347,10 @@ class LimitsFileWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        parser, self._parser = self._parser, None
-        if parser is not None:
-            parser.shutdown(wait=False, cancel_futures=True)
+        await self._parser.stop()
 
     async def __aenter__(self) -> LimitsFileWatcher:
+        await self._parser.start()
         self.start()
         return self
 

@@ -1,0 +1,133 @@
+"""A child process that parses reloads: `ParserProcess.call(function, *args)` runs the call there.
+
+Why not `concurrent.futures.ProcessPoolExecutor`: its spawned child re-imports the service's main
+module (`ratelimit`, and with it the whole service: grpc, numba, FastAPI; 210 MB resident) before it
+runs anything, and fork is not an option in a process running gRPC's and numba's threads. This
+child is `python -m ratelimit.sources.parser_process`: it imports the limits-file code only (about
+55 MB), at a lower priority, and is started with the watcher, so the first reload does not pay for
+starting a process on the event loop.
+
+The protocol, on the child's stdin and stdout: each message is an 8-byte big-endian length and a
+pickle. The parent sends `(function, args)`; the child answers `(True, result)` or `(False,
+exception)`. A closed stdin ends the child (so does the parent's death: the pipe closes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+logger = logging.getLogger(__name__)
+
+_LENGTH = struct.Struct(">Q")
+
+PRELOADED = "ratelimit.sources.limits_file"
+"""What the child imports at start: what parsing a limits file needs, before the first reload does."""
+
+
+class ParserProcessDied(Exception):
+    """The child ended (killed, out of memory) before it answered."""
+
+
+class ParserProcess:
+    def __init__(self, niceness: int) -> None:
+        self.niceness = niceness
+        self._process: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    async def start(self) -> None:
+        if self._process is not None:
+            if self._process.returncode is None:
+                return
+            logger.error("the parser process died (pid %d, exit code %d); starting a new one",
+                         self._process.pid, self._process.returncode)
+        # The child finds the same modules as this process (tests and editable installs included).
+        paths = [path for path in sys.path if path and os.path.isdir(path)]
+        inherited = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, *([inherited] if inherited else [])])}
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", __name__, str(self.niceness),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
+        )
+
+    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in the child; its exception is raised here. ParserProcessDied when the
+        child is gone (the next call starts a new one)."""
+        async with self._lock:
+            await self.start()
+            process = self._process
+            assert process is not None and process.stdin is not None and process.stdout is not None
+            message = pickle.dumps((function, args))
+            try:
+                process.stdin.write(_LENGTH.pack(len(message)) + message)
+                await process.stdin.drain()
+                (length,) = _LENGTH.unpack(await process.stdout.readexactly(_LENGTH.size))
+                succeeded, value = pickle.loads(await process.stdout.readexactly(length))
+            except (asyncio.IncompleteReadError, ConnectionError) as error:
+                self._process = None
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+                raise ParserProcessDied(f"the parser process died (pid {process.pid}): {error}") from None
+        if not succeeded:
+            raise value
+        return value
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        assert process.stdin is not None
+        process.stdin.close()  # the child's cue to end
+        try:
+            await asyncio.wait_for(process.wait(), timeout=2)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _read_message(stream: BinaryIO) -> Any | None:
+    header = stream.read(_LENGTH.size)
+    if len(header) < _LENGTH.size:
+        return None  # stdin closed: the service is done with us
+    (length,) = _LENGTH.unpack(header)
+    return pickle.loads(stream.read(length))
+
+
+def _write_message(stream: BinaryIO, value: Any) -> None:
+    data = pickle.dumps(value)
+    stream.write(_LENGTH.pack(len(data)) + data)
+    stream.flush()
+
+
+def main() -> None:
+    os.nice(int(sys.argv[1]))
+    __import__(PRELOADED)
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything a loader prints must not corrupt the answers
+    while (message := _read_message(stdin)) is not None:
+        function, args = message
+        try:
+            answer = (True, function(*args))
+        except Exception as error:  # sent back and raised in the service
+            answer = (False, error)
+        try:
+            _write_message(stdout, answer)
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            _write_message(stdout, (False, RuntimeError(f"the parser's answer does not pickle: {error!r}")))
+
+
+if __name__ == "__main__":
+    main()
