@@ -13,7 +13,7 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol
@@ -22,14 +22,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from ratelimit.engine import RateLimiter
-from ratelimit.limits import LimitsError
 from ratelimit.metrics import (
-    MetricLabelsError,
     Metrics,
     StorageHealth,
     TimedStorage,
     load_custom_labels,
-    parse_custom_labels,
     parse_default_labels,
 )
 from ratelimit.server.errors import ServerError
@@ -49,9 +46,10 @@ from ratelimit.sources.limits_file import (
     DEFAULT_INTERVAL,
     LimitsFileWatcher,
     load_limits_file_contents,
-    single_file_text,
 )
 from ratelimit.sources.maas import limits_from_files
+from ratelimit.sources.metric_labels import load_custom_labels_contents
+from ratelimit.sources.parser_process import ParserProcess
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import Storage
 from ratelimit.storage.failure import FailureMode, OnStorageError
@@ -203,8 +201,11 @@ class HttpServer:
         self._server.force_exit = force
 
 
-def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
-    """The shared Service with the limits file loaded, and the watcher that keeps it loaded.
+def build_service(
+    config: ServiceConfig, parser: ParserProcess | None = None
+) -> tuple[Service, LimitsFileWatcher]:
+    """The shared Service with the limits file loaded, and the watcher that keeps it loaded
+    (parsing reloads in `parser`, or in a parser process of its own).
 
     Raises LimitsError when the file is invalid: at startup there are no old limits to keep.
     """
@@ -215,7 +216,7 @@ def build_service(config: ServiceConfig) -> tuple[Service, LimitsFileWatcher]:
     engine = RateLimiter(build_storage(config))
     status = ConfigStatus(source=config.limits_file)
     loader = limits_from_files if config.maas else load_limits_file_contents
-    watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval, loader)
+    watcher = LimitsFileWatcher(config.limits_file, engine, status, config.reload_interval, loader, parser=parser)
     watcher.load()
     options = ServiceOptions(
         rate_limit_headers=config.rate_limit_headers == "DRAFT_VERSION_03",
@@ -241,21 +242,14 @@ class _CustomLabelsTarget:
         self.metrics.set_custom_labels(labels)
 
 
-def _load_custom_labels_contents(files: Mapping[str, bytes]) -> dict[str, Any]:
-    source, text = single_file_text(files)
-    try:
-        return parse_custom_labels(text, source)
-    except MetricLabelsError as exc:
-        message = str(exc)
-        raise LimitsError(source, message.removeprefix(f"{source}: ")) from None
-
-
-def custom_labels_watcher(path: str, metrics: Metrics, interval: float) -> LimitsFileWatcher:
+def custom_labels_watcher(
+    path: str, metrics: Metrics, interval: float, parser: ParserProcess | None = None
+) -> LimitsFileWatcher:
     """Limitador reloads the `-L` file like the limits file; a bad version keeps the labels in use
     and is logged (the file's own status is not in /status, which is the limits file's)."""
     watcher = LimitsFileWatcher(
-        path, _CustomLabelsTarget(metrics), ConfigStatus(source=path), interval, _load_custom_labels_contents,
-        what="custom metric labels",
+        path, _CustomLabelsTarget(metrics), ConfigStatus(source=path), interval, load_custom_labels_contents,
+        what="custom metric labels", parser=parser,
     )
     watcher.load()  # what build_metrics loaded: the watcher starts from that content
     return watcher
@@ -346,19 +340,22 @@ def build_servers(
     return servers
 
 
-# While a control-plane thread (a reload's parse, /metrics formatting) holds the GIL, the event loop
-# waits up to the switch interval (5 ms by default) for it: 1 ms keeps decisions within a millisecond
-# of their own time. The extra switches only happen while such a thread runs.
+# While another thread of the process (the watcher's stat and read, the tracing exporter) holds the
+# GIL, the event loop waits up to the switch interval (5 ms by default) for it: 1 ms keeps decisions
+# within a millisecond of their own time. The extra switches only happen while such a thread runs.
 GIL_SWITCH_INTERVAL = 0.001
 
 
 async def run_service(config: ServiceConfig) -> None:
     """Load the limits, then serve until SIGTERM / SIGINT. Raises LimitsError or ServerError."""
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    service, watcher = build_service(config)
+    parser = ParserProcess()  # one child parses the reloads of every watched file
+    service, watcher = build_service(config, parser)
     watchers = [watcher]
     if config.custom_metric_labels:
-        watchers.append(custom_labels_watcher(config.custom_metric_labels, service.metrics, config.reload_interval))
+        watchers.append(
+            custom_labels_watcher(config.custom_metric_labels, service.metrics, config.reload_interval, parser)
+        )
     tracing = DecisionTracing(config.tracing_endpoint) if config.tracing_endpoint else None
     try:
         servers = build_servers(service, config, tracing)
@@ -371,6 +368,7 @@ async def run_service(config: ServiceConfig) -> None:
         await service.engine.storage.start()
         _freeze_startup_objects()
         async with contextlib.AsyncExitStack() as running:
+            running.push_async_callback(parser.stop)  # after the watchers (the stack unwinds in reverse)
             for watcher in watchers:
                 await running.enter_async_context(watcher)
             if config.metrics_dir is not None:

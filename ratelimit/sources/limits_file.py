@@ -26,7 +26,7 @@ not (NFS, some container overlays); kubelet itself only syncs ConfigMaps every m
 one-second poll adds nothing noticeable.
 
 A running service parses what changed in a child process (`poll_off_loop`, ratelimit.sources.
-parser_process: started with the watcher, niced, ~55 MB): libyaml builds a whole
+parser_process: one per service, started with it, niced, ~55 MB): libyaml builds a whole
 document in one C call that holds the interpreter lock (0.3 s for 2,000 limits), and validating
 compiles every CEL text; in a thread either would stall every decision that long. The child sends
 the limits back pickled one by one; they are rebuilt here in slices on the event loop (paced,
@@ -67,11 +67,6 @@ _RACY_SECONDS = 2.0
 
 # Stands for "no content" (missing or unreadable file), so that state is reported once, not per poll.
 _MISSING_DIGEST = b"missing"
-
-PARSER_NICENESS = 10
-"""How much lower than the service the parser process runs: where the service has no core to
-spare (two cores, a load generator on one), a reload's parse would otherwise take CPU time from
-decisions for as long as it runs; niced, it takes what decisions leave."""
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -142,6 +137,7 @@ class LimitsFileWatcher:
     def __init__(
         self, path: str | os.PathLike[str], engine: RateLimiter | Configurable, status: ConfigStatus,
         interval: float = DEFAULT_INTERVAL, loader: Loader = load_limits_file_contents, what: str = "limits",
+        parser: ParserProcess | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError(f"reload interval must be positive, got {interval}")
@@ -157,8 +153,10 @@ class LimitsFileWatcher:
         self._digest: bytes | None = None
         """Hash of the last content tried (applied or rejected), so each version is handled once."""
         self._task: asyncio.Task[None] | None = None
-        self._parser = ParserProcess(PARSER_NICENESS)
-        """The child process that parses reloads, started with the watcher (`__aenter__`)."""
+        self._parser = parser or ParserProcess()
+        """The child process that parses reloads, started with the watcher (`__aenter__`); one the
+        caller passes is the caller's to stop (a service shares one among its watchers)."""
+        self._owns_parser = parser is None
         self._rebuilt: dict[bytes, Any] = {}
         """The items (limits) of the last content parsed, by their pickled bytes: a reload keeps an
         unchanged limit as the object it already is instead of rebuilding it."""
@@ -347,7 +345,8 @@ class LimitsFileWatcher:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._parser.stop()
+        if self._owns_parser:
+            await self._parser.stop()
 
     async def __aenter__(self) -> LimitsFileWatcher:
         await self._parser.start()
@@ -383,8 +382,8 @@ def _parse(loader: Loader, files: Mapping[str, bytes]) -> tuple[Any, LimitsError
 
 def _parse_pickled(loader: Loader, files: Mapping[str, bytes]) -> tuple[list[bytes] | bytes, LimitsError | None]:
     """`_parse` in a parser process, the result pickled here item by item (a list) or whole: so
-    that the service rebuilds it in paced chunks on its event loop, not in one long unpickling
-    in the executor's thread (which would hold the interpreter lock against every decision)."""
+    that the service rebuilds it in paced slices on its event loop, not in one long unpickling
+    (which would hold the interpreter lock against every decision)."""
     parsed, error = _parse(loader, files)
     if isinstance(parsed, list):
         return [pickle.dumps(item) for item in parsed], error

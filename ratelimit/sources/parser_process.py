@@ -36,8 +36,16 @@ class ParserProcessDied(Exception):
     """The child ended (killed, out of memory) before it answered."""
 
 
+NICENESS = 10
+"""How much lower than the service the parser process runs: where the service has no core to
+spare (two cores, a load generator on one), a reload's parse would otherwise take CPU time from
+decisions for as long as it runs; niced, it takes what decisions leave."""
+
+
 class ParserProcess:
-    def __init__(self, niceness: int) -> None:
+    """One per service: every file watcher of the service sends its parsing here, one at a time."""
+
+    def __init__(self, niceness: int = NICENESS) -> None:
         self.niceness = niceness
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
