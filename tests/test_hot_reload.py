@@ -530,3 +530,52 @@ async def test_limits_the_storage_cannot_take_are_reported_once_and_the_old_stay
     assert max_values(engine) == [300]
     refusals = [r for r in caplog.records if "cannot apply these limits" in r.getMessage()]
     assert len(refusals) == 1 and refusals[0].exc_info is None
+
+
+def _parser_children(pid: int) -> list[int]:
+    """The parser processes whose parent is `pid`, read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid and b"ratelimit.sources.parser_process" in cmdline:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_one_light_parser_child_that_ends_with_a_killed_service(
+    tmp_path: Path, start_service: Callable[..., ServiceProcess]
+) -> None:
+    """`ratelimit serve` with a limits file and an `-L` file runs one parser child for both. After
+    reloads of each, that child has loaded neither gRPC's nor numba's compiled libraries (the
+    kernel's memory maps say so: it never imported the service). Killed with -9, the service
+    cannot stop it; the child ends on its own when its stdin closes."""
+    path = tmp_path / "limits.yaml"
+    path.write_text(limits_yaml(300))
+    labels = tmp_path / "labels.yaml"
+    labels.write_text("user: descriptors[0]['auth.identity.userid']\n")
+    service = start_service(path, "-L", str(labels), "--reload-interval", "0.05")
+    assert service.process is not None
+    write_atomically(path, limits_yaml(400))
+    labels.write_text("tier: descriptors[0]['tier']\n")
+    wait_until(lambda: service.status()["config_version"] == 2, timeout=TIMEOUT, what="the limits reload")
+    wait_until(lambda: service.output().count("applied 1 custom metric labels") >= 2, timeout=TIMEOUT,
+               what="the labels reload")
+    [child] = _parser_children(service.process.pid)
+    maps = Path(f"/proc/{child}/maps").read_text()
+    assert "_cygrpc" not in maps and "llvmlite" not in maps
+
+    service.process.kill()
+    service.process.wait()
+    wait_until(lambda: _ended(child), timeout=TIMEOUT, what="the parser child to end")
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

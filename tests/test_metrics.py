@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Sequence
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.catalog import CatalogCollector
 from exporter.quota import OTHER, QuotaCollector, ReadSummary
@@ -14,6 +15,7 @@ from ratelimit.counters import Counter, CounterStatus
 from ratelimit.limits import Limit
 from ratelimit.metrics import (
     LATENCY_BUCKETS,
+    RENDER_LINES,
     MetricLabelsError,
     Metrics,
     TimedStorage,
@@ -139,7 +141,17 @@ def test_promtool_check_metrics_on_the_service(start_service, total: bool) -> No
         service.http.post("/check_and_report", json={
             "namespace": "maas-demo/gpt-4o", "delta": 300,
             "values": {"user": "alice", "model": "gpt-4o", "subscription": "free"}})
+    # Families longer than the slices /metrics is formatted in (RENDER_LINES): Prometheus's parser
+    # and prometheus_client's both read them whole across the slice boundaries.
+    users = [f"user-{i}" for i in range(3 * RENDER_LINES)]
+    for user in users:
+        service.http.post("/check_and_report", json={
+            "namespace": "maas-demo/gpt-4o", "delta": 1,
+            "values": {"user": user, "model": "gpt-4o", "subscription": "free"}})
     body = service.http.get("/metrics").content
+    authorized = {sample.labels["user"] for family in text_string_to_metric_families(body.decode())
+                  if family.name == "authorized_calls" for sample in family.samples}
+    assert authorized == {"alice", *users}
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     warnings = sorted(line for line in result.stdout.decode().splitlines() + result.stderr.decode().splitlines() if line)
     if total:
