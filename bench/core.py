@@ -276,7 +276,7 @@ def kernel_contestant(config: Config, deny_half: bool) -> Callable[[], Callable[
     loop.close()
     storage = engine.storage
     assert isinstance(storage, MemoryStorage)
-    plan_arrays = [storage._plan(engine.counters_for(NAMESPACE, [{"model": "gpt", "user": user_name(user)}])).array
+    plan_arrays = [storage._plan(engine.counters_for(NAMESPACE, [{"model": "gpt", "user": user_name(user)}]))[0]
                    for user in range(USERS)]
     plans = np.stack(plan_arrays)
     users = request_stream(config.p2_requests).astype(np.int64)

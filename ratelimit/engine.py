@@ -13,7 +13,7 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -65,7 +65,9 @@ class RateLimiter:
     def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
         self.storage = storage
         self._limits_by_namespace: dict[str, tuple[Limit, ...]] = {}
-        self._memo: dict[MemoKey, tuple[CounterSet, int]] = {}
+        self._memo: dict[MemoKey, CounterSet] = {}
+        """Values are the sets alone (sizes are computed again from the key when an entry is
+        forgotten): a (set, size) pair per entry was one more object for the cyclic GC to walk."""
         self._limit_tuples: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
         """One tuple per distinct combination of limits the memo's sets hold (see _memoize)."""
         self._memo_bytes = 0
@@ -116,7 +118,7 @@ class RateLimiter:
             raise InvalidRequest("descriptors", "must be a list of maps of string to string") from None
         if found is None:
             return self._memoize(key, namespace, descriptors)
-        return found[0]
+        return found
 
     def _memoize(self, key: MemoKey, namespace: str, descriptors: Descriptors) -> CounterSet:
         if not isinstance(namespace, str) or len(namespace) > MAX_NAMESPACE_LENGTH:
@@ -127,9 +129,7 @@ class RateLimiter:
         # every element of every tracked tuple on each full collection, and 4,700 memoized sets of
         # 64 limits each made that 15 ms (a stall of every decision); shared, it is one tuple.
         found.limits = self._limit_tuples.setdefault(found.limits, found.limits)
-        size = _MEMO_ENTRY_OVERHEAD + len(namespace) + sum(
-            len(k) + len(v) + 160 for entries in descriptors for k, v in entries.items()
-        )
+        size = _memo_entry_bytes(key)
         if size > MEMO_ENTRY_BYTES:
             return found
         if self._memo_bytes + size > MEMO_BYTES:
@@ -137,12 +137,11 @@ class RateLimiter:
             # working set just over the budget does not miss on every request.
             forgotten = []
             for old_key in list(itertools.islice(self._memo, len(self._memo) // 2 + 1)):
-                entry = self._memo.pop(old_key)
-                self._memo_bytes -= entry[1]
-                forgotten.append((old_key, entry))
+                forgotten.append((old_key, self._memo.pop(old_key)))
+                self._memo_bytes -= _memo_entry_bytes(old_key)
             _release_later(forgotten)
             self._limit_tuples = {}  # bounded by what the memo holds: sets made from now on share anew
-        self._memo[key] = (found, size)
+        self._memo[key] = found
         self._memo_bytes += size
         return found
 
@@ -276,6 +275,14 @@ def _memo_key(namespace: str, descriptors: Descriptors) -> MemoKey:
     if len(descriptors) == 1:
         return (namespace, tuple(descriptors[0].items()))
     return (namespace, *[tuple(d.items()) for d in descriptors])
+
+
+def _memo_entry_bytes(key: MemoKey) -> int:
+    """The memo's estimate of one entry's size, from its key (the namespace, then each descriptor's
+    (name, value) pairs)."""
+    namespace = cast(str, key[0])
+    descriptors = cast("tuple[tuple[tuple[str, str], ...], ...]", key[1:])
+    return _MEMO_ENTRY_OVERHEAD + len(namespace) + sum(len(k) + len(v) + 160 for pairs in descriptors for k, v in pairs)
 
 
 def _checked_delta(delta: int, field_name: str = "delta") -> int:

@@ -57,18 +57,13 @@ _FULL_MESSAGES = {
 }
 
 
-class _Plan:
-    """What the kernel needs to find a request's counters: an int64 array
-    [n, limit_no x n, key start x n, key end x n, key bytes...], built once per memoized set."""
-
-    __slots__ = ("generation", "array", "limits", "values")
-
-    def __init__(self, generation: int, array: np.ndarray, limits: tuple[Limit, ...],
-                 values: tuple[tuple[str, ...], ...]) -> None:
-        self.generation = generation
-        self.array = array
-        self.limits = limits  # of the counters in the array, in its order (a CounterSet's, compactly)
-        self.values = values
+_Plan = tuple[int, np.ndarray, "tuple[int, ...] | None"]
+"""What the kernel needs to find a request's counters, built once per memoized set and kept as its
+storage_handle: (the limits' generation it was built for, an int64 array [n, limit_no x n, key
+start x n, key end x n, key bytes...], and the positions in the set of the counters in the array,
+None when that is all of them). A plain tuple of an int, an array and ints: Python's cyclic GC
+stops tracking such a tuple, and every memoized set has one (an object of a class is walked on
+every full collection: a memo of 100k sets was 300k tracked objects, ~50 ms a full collection)."""
 
 
 def _identity_hashes(limits: Iterable[Limit]) -> np.ndarray:
@@ -334,45 +329,50 @@ class MemoryStorage(Storage):
             waited_since = waited_since or time.monotonic()
             self.table.wait_for_lock(waited_since)
 
-    def _plan(self, counter_set: CounterSet) -> _Plan:
-        plan = counter_set.storage_handle
-        if isinstance(plan, _Plan) and plan.generation == self._generation:
-            return plan
+    def _plan(self, counter_set: CounterSet) -> tuple[np.ndarray, tuple[Limit, ...], tuple[tuple[str, ...], ...]]:
+        """The kernel's array for these counters, with the limits and values of the counters in it."""
+        handle = counter_set.storage_handle
+        if type(handle) is tuple and handle[0] == self._generation:
+            _, array, positions = handle
+        else:
+            array, positions = self._new_plan(counter_set)
+            counter_set.storage_handle = (self._generation, array, positions)
+        if positions is None:
+            return array, counter_set.limits, counter_set.values
+        return (array, tuple(counter_set.limits[i] for i in positions),
+                tuple(counter_set.values[i] for i in positions))
+
+    def _new_plan(self, counter_set: CounterSet) -> tuple[np.ndarray, tuple[int, ...] | None]:
         no_by_digest = self._no_by_digest
         # Counters of limits that a concurrent reload removed are left out: their limit is gone.
-        known = [(limit, values, no) for limit, values in zip(counter_set.limits, counter_set.values, strict=True)
+        known = [(position, no) for position, limit in enumerate(counter_set.limits)
                  if (no := no_by_digest.get(limit.identity_digest)) is not None]
-        keys = [Counter(limit, values).qualifier().encode("utf-8") for limit, values, _ in known]
+        keys = [Counter(counter_set.limits[position], counter_set.values[position]).qualifier().encode("utf-8")
+                for position, _ in known]
         n = len(known)
         lengths = [len(key) for key in keys]
         # Each key starts on a word and is zero-padded to whole words (kernels compare words).
         padded = b"".join(key + bytes(-len(key) % 8) for key in keys)
         array = np.zeros(1 + 3 * n + len(padded) // 8, dtype=np.int64)
         array[0] = n
-        array[1 : 1 + n] = [no for _, _, no in known]
+        array[1 : 1 + n] = [no for _, no in known]
         array[1 + n : 1 + 2 * n] = lengths
         array[1 + 2 * n : 1 + 3 * n] = np.cumsum([0] + [-(-length // 8) for length in lengths[:-1]]) if n else []
         array[1 + 3 * n :] = np.frombuffer(padded, dtype="<i8")
-        if n == len(counter_set):
-            limits, values = counter_set.limits, counter_set.values
-        else:
-            limits, values = tuple(k[0] for k in known), tuple(k[1] for k in known)
-        plan = _Plan(self._generation, array, limits, values)
-        counter_set.storage_handle = plan
-        return plan
+        return array, None if n == len(counter_set) else tuple(position for position, _ in known)
 
     def _decide(self, counters: CounterSet, delta: int, mode: int, load_counters: bool, *, slot: int = -1,
                 tag: int = 0, expires_at: int = 0) -> tuple[Decision, np.ndarray]:
-        plan = self._plan(counters)
+        array, limits, all_values = self._plan(counters)
         now = self._now_ms()
-        n = len(plan.limits)
+        n = len(limits)
         out = np.zeros(kernels.RESULT_WORDS + n * kernels.STATE_WIDTH, dtype=np.int64)
         words = self._words
         decide = kernels.decide
         pid = _pid()
         waited_since = 0.0
         while True:
-            decide(words, self._max_values, plan.array, mode, delta, now, pid, slot, tag, expires_at, out)
+            decide(words, self._max_values, array, mode, delta, now, pid, slot, tag, expires_at, out)
             code = int(out[kernels.R_CODE])
             if code != kernels.BUSY:
                 break
@@ -383,9 +383,9 @@ class MemoryStorage(Storage):
         statuses = []
         if load_counters:
             states = out[kernels.RESULT_WORDS :].reshape(n, kernels.STATE_WIDTH).tolist()
-            for limit, values, (_, used, expires, reserved) in zip(plan.limits, plan.values, states, strict=True):
+            for limit, values, (_, used, expires, reserved) in zip(limits, all_values, states, strict=True):
                 statuses.append(CounterStatus(Counter(limit, values), used, _expires_in(expires, now), reserved))
-        return Decision(plan.limits[code] if code >= 0 else None, statuses), out
+        return Decision(limits[code] if code >= 0 else None, statuses), out
 
 
 def _status_at(limit_of_no: dict[int, Limit], row: list[int], key_bytes: np.ndarray, now: int) -> CounterStatus:
