@@ -411,8 +411,8 @@ def _freeze_startup_objects() -> None:
     no longer holds them back: a reload of 2,000 limits or a filling memo set off a full
     collection every few hundred milliseconds, each 15-45 ms over the new limits (~30k objects)
     and the memo. At 100 young collections apart instead of 10, cyclic garbage that outlives two
-    young collections (about 20 objects per generation-1 collection in the stall benchmark) waits longer to be
-    freed: well under a megabyte."""
+    young collections (about 20 objects per generation-1 collection in the stall benchmark) waits
+    longer to be freed: well under a megabyte."""
     gc.collect()
     gc.freeze()
     first, second, _ = gc.get_threshold()

@@ -336,7 +336,8 @@ class MemoryStorage(Storage):
             _, array, positions = handle
         else:
             array, positions = self._new_plan(counter_set)
-            counter_set.storage_handle = (self._generation, array, positions)
+            plan: _Plan = (self._generation, array, positions)
+            counter_set.storage_handle = plan
         if positions is None:
             return array, counter_set.limits, counter_set.values
         return (array, tuple(counter_set.limits[i] for i in positions),
