@@ -193,6 +193,23 @@ async def test_reload_keeps_counters_of_unchanged_identity_and_drops_removed_one
     assert (status.limit.name, status.value, status.remaining) == ("raised", 4, 6)
 
 
+async def test_a_set_resolved_before_a_reload_decides_only_on_the_limits_still_configured() -> None:
+    """A request resolved its counters, then a reload removed one of their limits before it reached
+    the storage: it is decided on the counters that remain, and reports only those."""
+    minute = Limit("ns", 2, 60, (), USER, name="minute")
+    hour = Limit("ns", 100, 3600, (), USER, name="hour")
+    engine, _ = limiter(minute, hour)
+    resolved = engine.counters_for("ns", alice())
+    assert (await engine.storage.check_and_update(resolved, 1, True)).counters[1].value == 1
+    engine.configure_with([hour])
+    decisions = [await engine.storage.check_and_update(resolved, 1, True) for _ in range(3)]
+    assert [[(s.limit.name, s.value) for s in d.counters] for d in decisions] == [[("hour", v)] for v in (2, 3, 4)]
+    assert not any(d.limited for d in decisions)  # "minute" (2 a minute) is gone: it limits no more
+    engine.configure_with([minute, hour])  # back within its window: it resumes its count (1)
+    again = [await engine.check_and_report("ns", alice(), 1, load_counters=True) for _ in range(2)]
+    assert [(d.limited_by, [s.value for s in d.counters]) for d in again] == [(None, [2, 5]), (minute, [2, 5])]
+
+
 async def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> None:
     engine = RateLimiter(MemoryStorage(capacity=100), [Limit("ns", 100, 60, variables=("descriptors[0]['user']",))])
     reservation = await engine.reserve("ns", [{"user": "ann"}], 30, 60)
