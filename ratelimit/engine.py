@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,8 +32,8 @@ MAX_RESERVATION_TTL = 24 * 3600.0
 
 # The memo of resolved descriptor sets is bounded in bytes, not entries: a descriptor set can be a
 # few bytes or megabytes (64 descriptors of 64 entries of 4 KiB values), and every distinct one is
-# remembered. When the estimate passes MEMO_BYTES the older half is forgotten (all on reload). A set
-# larger than MEMO_ENTRY_BYTES is resolved on every request instead: no real gateway call is that
+# remembered. It keeps two generations of at most MEMO_BYTES / 2 each (see _DescriptorMemo): when
+# the young one is full the older one is forgotten (both on reload). A set larger than MEMO_ENTRY_BYTES is resolved on every request instead: no real gateway call is that
 # large, and remembering a few of them would take the whole budget.
 MEMO_BYTES = 64 * 1024 * 1024
 MEMO_ENTRY_BYTES = 64 * 1024
@@ -65,12 +64,7 @@ class RateLimiter:
     def __init__(self, storage: Storage, limits: Iterable[Limit] = ()) -> None:
         self.storage = storage
         self._limits_by_namespace: dict[str, tuple[Limit, ...]] = {}
-        self._memo: dict[MemoKey, CounterSet] = {}
-        """Values are the sets alone (sizes are computed again from the key when an entry is
-        forgotten): a (set, size) pair per entry was one more object for the cyclic GC to walk."""
-        self._limit_tuples: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
-        """One tuple per distinct combination of limits the memo's sets hold (see _memoize)."""
-        self._memo_bytes = 0
+        self._memo = _DescriptorMemo()
         self.configure_with(limits)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -87,10 +81,8 @@ class RateLimiter:
         }
         # The memo (keys too: they hold the descriptors) and the replaced limits (each with its
         # compiled CEL: thousands of objects to free) go a chunk per turn, not in this one.
-        _release_later([*self._memo.items(), *(limit for group in replaced.values() for limit in group)])
-        self._memo = {}
-        self._memo_bytes = 0
-        self._limit_tuples = {}
+        _release_later(*self._memo.generations, [limit for group in replaced.values() for limit in group])
+        self._memo = _DescriptorMemo()
 
     @property
     def namespaces(self) -> list[str]:
@@ -125,24 +117,7 @@ class RateLimiter:
             raise InvalidRequest("namespace", f"must be a string of at most {MAX_NAMESPACE_LENGTH} characters")
         _validate_descriptors(descriptors)
         found = CounterSet(self._resolve(namespace, descriptors))
-        # Sets of the same limits share one tuple of them: Python's cyclic garbage collector walks
-        # every element of every tracked tuple on each full collection, and 4,700 memoized sets of
-        # 64 limits each made that 15 ms (a stall of every decision); shared, it is one tuple.
-        found.limits = self._limit_tuples.setdefault(found.limits, found.limits)
-        size = _memo_entry_bytes(key)
-        if size > MEMO_ENTRY_BYTES:
-            return found
-        if self._memo_bytes + size > MEMO_BYTES:
-            # Dicts keep insertion order: forget the older half rather than everything at once, so a
-            # working set just over the budget does not miss on every request.
-            forgotten = []
-            for old_key in list(itertools.islice(self._memo, len(self._memo) // 2 + 1)):
-                forgotten.append((old_key, self._memo.pop(old_key)))
-                self._memo_bytes -= _memo_entry_bytes(old_key)
-            _release_later(forgotten)
-            self._limit_tuples = {}  # bounded by what the memo holds: sets made from now on share anew
-        self._memo[key] = found
-        self._memo_bytes += size
+        self._memo.remember(key, found)
         return found
 
     def _resolve(self, namespace: str, descriptors: Descriptors) -> tuple[Counter, ...]:
@@ -246,13 +221,15 @@ RELEASE_BATCH = 10
 """Forgotten memo entries (or replaced limits) freed at a time, until a slice of work is done."""
 
 
-def _release_later(entries: list[Any]) -> None:
-    """Free forgotten memo entries and replaced limits in paced slices on the running event loop
-    (ratelimit.pacing): dropping a memo of hundreds of thousands of counters, or a few thousand
-    limits, at once is milliseconds to tens of milliseconds of deallocation, a stall of every
-    decision (a reload forgets the whole memo and the old limits); freed back to back, a slice per
-    turn, they still kept the loop busy for 60 ms. Without a running loop they go at once."""
-    if len(entries) <= RELEASE_BATCH:
+def _release_later(*containers: list[Any] | dict[Any, Any]) -> None:
+    """Free forgotten memo generations and replaced limits in paced slices on the running event
+    loop (ratelimit.pacing), one container after the other: dropping a memo of hundreds of
+    thousands of counters, or a few thousand limits, at once is milliseconds to tens of
+    milliseconds of deallocation, a stall of every decision (a reload forgets the whole memo and
+    the old limits); freed back to back, a slice per turn, they still kept the loop busy for 60 ms.
+    Without a running loop, or when there is little to free, they go with the caller's reference."""
+    pending = [container for container in containers if len(container) > RELEASE_BATCH]
+    if not pending:
         return
     try:
         loop = asyncio.get_running_loop()
@@ -262,12 +239,76 @@ def _release_later(entries: list[Any]) -> None:
 
     def release() -> None:
         pace.begin()
-        while entries and not pace.worked_a_slice():
-            del entries[-RELEASE_BATCH:]
-        if entries:
+        while pending and not pace.worked_a_slice():
+            container = pending[-1]
+            if isinstance(container, dict):
+                for _ in range(min(RELEASE_BATCH, len(container))):
+                    container.popitem()
+            else:
+                del container[-RELEASE_BATCH:]
+            if not container:
+                pending.pop()
+        if pending:
             loop.call_later(pace.rest_seconds(), release)
 
     loop.call_soon(release)
+
+
+class _DescriptorMemo:
+    """The counter sets of the descriptor contents seen lately, bounded in bytes, in two
+    generations: new sets go to the young one; when it would pass MEMO_BYTES / 2, the older
+    generation is forgotten whole and the young one becomes it. A set found in the older
+    generation moves to the young one, so a working set that fits survives every turn.
+
+    Forgetting is one step however large the memo (the forgotten generation is freed in paced
+    slices by _release_later): forgetting the older half entry by entry held the loop 40-100 ms
+    in the request that filled the memo. Values are the sets alone, sizes are computed from the
+    keys: a (set, size) pair per entry was one more object for the cyclic GC to walk."""
+
+    def __init__(self) -> None:
+        self.young: dict[MemoKey, CounterSet] = {}
+        self.older: dict[MemoKey, CounterSet] = {}
+        self.young_bytes = 0
+        self.older_bytes = 0
+        """What the older generation held when it was young: an upper bound (sets moved out since
+        are counted in both until it is forgotten)."""
+        self._limit_tuples: dict[tuple[Limit, ...], tuple[Limit, ...]] = {}
+        """One tuple per distinct combination of limits the sets hold (see remember)."""
+
+    @property
+    def generations(self) -> tuple[dict[MemoKey, CounterSet], dict[MemoKey, CounterSet]]:
+        return self.young, self.older
+
+    @property
+    def bytes(self) -> int:
+        return self.young_bytes + self.older_bytes
+
+    def get(self, key: MemoKey) -> CounterSet | None:
+        found = self.young.get(key)
+        if found is None and self.older:
+            found = self.older.pop(key, None)
+            if found is not None:
+                self._add(key, found, _memo_entry_bytes(key))
+        return found
+
+    def remember(self, key: MemoKey, found: CounterSet) -> None:
+        """Keep `found` for `key`, unless it is larger than one entry may be."""
+        # Sets of the same limits share one tuple of them: Python's cyclic garbage collector walks
+        # every element of every tracked tuple on each full collection, and 4,700 memoized sets of
+        # 64 limits each made that 15 ms (a stall of every decision); shared, it is one tuple.
+        found.limits = self._limit_tuples.setdefault(found.limits, found.limits)
+        size = _memo_entry_bytes(key)
+        if size <= MEMO_ENTRY_BYTES:
+            self._add(key, found, size)
+
+    def _add(self, key: MemoKey, found: CounterSet, size: int) -> None:
+        if self.young_bytes + size > MEMO_BYTES // 2:
+            _release_later(self.older)
+            self.older, self.older_bytes = self.young, self.young_bytes
+            self.young, self.young_bytes = {}, 0
+            self._limit_tuples = {}  # bounded by what the memo holds: sets made from now on share anew
+        self.young[key] = found
+        self.young_bytes += size
 
 
 def _memo_key(namespace: str, descriptors: Descriptors) -> MemoKey:

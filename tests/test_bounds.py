@@ -92,17 +92,23 @@ def test_distinct_large_requests_do_not_grow_memory(start_service, limits_file: 
     assert should_rate_limit(service, "alice") == RateLimitResponse.OK
 
 
-def test_the_memo_is_bounded_in_bytes() -> None:
+def test_the_memo_is_bounded_in_bytes_and_keeps_a_working_set_that_fits() -> None:
     engine = RateLimiter(MemoryStorage(capacity=16), parse_limits(LIMITS))
     value = "v" * 4000
-    for i in range(MEMO_BYTES // (16 * 4000) + 200):
+    hot = [{"user": "hot"}]
+    hot_set = engine.counters_for("limited", hot)
+    sizes = []
+    for i in range(3 * MEMO_BYTES // (16 * 4000)):  # three memos' worth of ~64 KB sets
         engine.counters_for("limited", [{"user": f"{i}", **{f"k{j}": value for j in range(15)}}])
-    assert engine._memo_bytes <= MEMO_BYTES
+        assert engine.counters_for("limited", hot) is hot_set  # used all along: never forgotten
+        sizes.append(engine._memo.bytes)
+    memo = engine._memo
+    assert max(sizes) <= MEMO_BYTES and min(sizes[len(sizes) // 3:]) >= MEMO_BYTES // 2 - 64 * 1024
+    assert memo.young_bytes == sum(map(_memo_entry_bytes, memo.young))  # exact for the young generation
+    assert memo.older_bytes >= sum(map(_memo_entry_bytes, memo.older))  # an upper bound for the older one
     large = [{f"k{j}": value for j in range(60)}]
     engine.counters_for("limited", large)  # larger than one entry may be: resolved, not remembered
-    assert len(engine._memo) == sum(1 for _ in engine._memo)  # still consistent
-    assert not any(key[0] == "limited" and isinstance(key[1], tuple) and len(key[1]) == 60 for key in engine._memo)
-    assert engine._memo_bytes == sum(map(_memo_entry_bytes, engine._memo))  # what is forgotten is subtracted
+    assert not any(isinstance(key[1], tuple) and len(key[1]) == 60 for generation in memo.generations for key in generation)
 
 
 def test_a_memoized_set_is_one_object_for_the_garbage_collector() -> None:
@@ -125,7 +131,7 @@ def test_a_memoized_set_is_one_object_for_the_garbage_collector() -> None:
     before = tracked()
     asyncio.run(decide(range(100, 5100)))
     added = tracked() - before
-    assert len(engine._memo) == 5100
+    assert sum(map(len, engine._memo.generations)) == 5100
     assert added <= 5000 + 100, f"5,000 memoized sets added {added} tracked objects"
 
 

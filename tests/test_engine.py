@@ -197,17 +197,19 @@ async def test_a_set_resolved_before_a_reload_decides_only_on_the_limits_still_c
     """A request resolved its counters, then a reload removed one of their limits before it reached
     the storage: it is decided on the counters that remain, and reports only those."""
     minute = Limit("ns", 2, 60, (), USER, name="minute")
-    hour = Limit("ns", 100, 3600, (), USER, name="hour")
+    hour = Limit("ns", 3, 3600, (), USER, name="hour")
     engine, _ = limiter(minute, hour)
     resolved = engine.counters_for("ns", alice())
     assert (await engine.storage.check_and_update(resolved, 1, True)).counters[1].value == 1
     engine.configure_with([hour])
     decisions = [await engine.storage.check_and_update(resolved, 1, True) for _ in range(3)]
-    assert [[(s.limit.name, s.value) for s in d.counters] for d in decisions] == [[("hour", v)] for v in (2, 3, 4)]
-    assert not any(d.limited for d in decisions)  # "minute" (2 a minute) is gone: it limits no more
-    engine.configure_with([minute, hour])  # back within its window: it resumes its count (1)
+    assert [(d.limited_by, [(s.limit.name, s.value) for s in d.counters]) for d in decisions] == [
+        (None, [("hour", 2)]), (None, [("hour", 3)]), (hour, [("hour", 3)])  # "minute" (2 a minute) is gone
+    ]
+    # Back within its window, "minute" resumes its count (1); "hour" is raised, keeping its count (3).
+    engine.configure_with([minute, Limit("ns", 10, 3600, (), USER, name="hour")])
     again = [await engine.check_and_report("ns", alice(), 1, load_counters=True) for _ in range(2)]
-    assert [(d.limited_by, [s.value for s in d.counters]) for d in again] == [(None, [2, 5]), (minute, [2, 5])]
+    assert [(d.limited_by, [s.value for s in d.counters]) for d in again] == [(None, [2, 4]), (minute, [2, 4])]
 
 
 async def test_a_commit_naming_other_descriptors_than_its_reservation_is_refused() -> None:
