@@ -206,7 +206,12 @@ def _check_workload(
     async_client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
 
     async def async_users() -> None:
-        await asyncio.gather(*(_async_user(async_client, user, workload[user]) for user in names[half:]))
+        try:
+            await asyncio.gather(*(_async_user(async_client, user, workload[user]) for user in names[half:]))
+        finally:
+            # On this loop: left to the garbage collector, its connections close on a loop that is
+            # gone, and the error lands in whichever later test runs a loop (it failed one).
+            await async_client.close()
 
     with ThreadPoolExecutor(half) as pool:
         futures = [pool.submit(_sync_user, sync_client, user, workload[user]) for user in names[:half]]
