@@ -92,6 +92,39 @@ def test_distinct_large_requests_do_not_grow_memory(start_service, limits_file: 
     assert should_rate_limit(service, "alice") == RateLimitResponse.OK
 
 
+def test_a_memo_filled_twice_over_by_envoy_requests_stays_bounded_and_decides_as_before(
+    start_service, limits_file: Path
+) -> None:
+    """Distinct ~58 KB requests over Envoy's RLS protocol, each just under what one memo entry may
+    be (so each is remembered), twice the memo's budget in all: the real process's resident size
+    stays within the budget while the memo forgets generation after generation, and a user's
+    count is the same across those turns."""
+    service = start_service(limits_file)
+    assert service.process is not None
+    value = "x" * 4000
+
+    def remembered(i: int) -> RateLimitRequest:
+        entries = [RateLimitDescriptor.Entry(key=f"k{e}", value=f"{i:08d}{value}") for e in range(14)]
+        return RateLimitRequest(domain="no-limits-here", descriptors=[RateLimitDescriptor(entries=entries)])
+
+    stub = rls_pb2_grpc.RateLimitServiceStub(service.grpc)
+    entry = _memo_entry_bytes(("no-limits-here", tuple((e.key, e.value) for e in remembered(0).descriptors[0].entries)))
+    assert 16 * 1024 < entry < 64 * 1024  # remembered, and large enough to fill the memo in a few thousand
+    for i in range(50):  # warm up: first-call allocations, thread pools
+        stub.ShouldRateLimit(remembered(-i - 1), timeout=30)
+    before = rss_bytes(service.process.pid)
+    decisions = []
+    for i in range(2 * MEMO_BYTES // entry):
+        assert stub.ShouldRateLimit(remembered(i), timeout=30).overall_code == RateLimitResponse.OK
+        if i % 500 == 0:
+            decisions.append(should_rate_limit(service, "alice"))
+    grown = rss_bytes(service.process.pid) - before
+    print(f"\nresident size grew {grown / MiB:.0f} MiB over {2 * MEMO_BYTES // entry} requests of {entry} bytes")
+    assert grown < MEMO_BYTES + 32 * MiB, f"resident size grew {grown / MiB:.0f} MiB"
+    # The limit is 3 a minute: the 4th and later are refused, memo turns or not.
+    assert decisions == [RateLimitResponse.OK] * 3 + [RateLimitResponse.OVER_LIMIT] * (len(decisions) - 3)
+
+
 def test_the_memo_is_bounded_in_bytes_and_keeps_a_working_set_that_fits() -> None:
     engine = RateLimiter(MemoryStorage(capacity=16), parse_limits(LIMITS))
     value = "v" * 4000
