@@ -159,6 +159,7 @@ def scrape(http: httpx.Client, until: float) -> dict[str, Any]:
 
 
 SETTLE_SECONDS = 1.0
+"""After each control-plane phase: what it leaves running (paced frees) counts for no phase."""
 
 
 def idle(http: httpx.Client, until: float) -> dict[str, Any]:
@@ -248,21 +249,24 @@ def main(argv: list[str] | None = None) -> int:
                 windows.setdefault(name, []).append((begin, time.monotonic()))
                 print(f"  {name}: {details[name]}", flush=True)
                 if name != "idle":
-                    time.sleep(SETTLE_SECONDS)  # what a phase leaves running (paced frees) counts for no phase
+                    time.sleep(SETTLE_SECONDS)
             generator.wait(timeout=total + 120)
             serve_cpu = _cpu_seconds(serve.pid) - serve_cpu_before
             load_average = os.getloadavg()
         http.close()
         result = json.loads(out.read_text())
     samples = result["samples"]
+
+    def latencies_in(spans: list[tuple[float, float]]) -> list[float]:
+        return [latency for due, latency in samples if any(begin <= due < end for begin, end in spans)]
+
     rows: dict[str, dict[str, Any]] = {}
     for name, spans in windows.items():
-        latencies = [latency for due, latency in samples if any(begin <= due < end for begin, end in spans)]
+        latencies = latencies_in(spans)
         rows[name] = percentiles(latencies) if latencies else {"count": 0}
     idle_p99 = rows["idle"]["p99_ms"]
-    details["idle"] = {"p99_ms_of_each_idle_phase": [
-        percentiles([latency for due, latency in samples if begin <= due < end])["p99_ms"] for begin, end in windows["idle"]
-    ]}
+    each_idle = [percentiles(latencies_in([span]))["p99_ms"] for span in windows["idle"]]
+    details["idle"] = {"p99_ms_of_each_idle_phase": each_idle}
     print(f"\nDecision latency over gRPC at {args.rate:g}/s, {counters} live counters "
           f"(load average after: {load_average[0]:.2f} {load_average[1]:.2f} {load_average[2]:.2f})\n")
     print("| phase | decisions | p50 ms | p99 ms | max ms | p99 / idle p99 | target met |")

@@ -33,8 +33,9 @@ MAX_RESERVATION_TTL = 24 * 3600.0
 # The memo of resolved descriptor sets is bounded in bytes, not entries: a descriptor set can be a
 # few bytes or megabytes (64 descriptors of 64 entries of 4 KiB values), and every distinct one is
 # remembered. It keeps two generations of at most MEMO_BYTES / 2 each (see _DescriptorMemo): when
-# the young one is full the older one is forgotten (both on reload). A set larger than MEMO_ENTRY_BYTES is resolved on every request instead: no real gateway call is that
-# large, and remembering a few of them would take the whole budget.
+# the young one is full the older one is forgotten (both on reload). A set larger than
+# MEMO_ENTRY_BYTES is resolved on every request instead: no real gateway call is that large, and
+# remembering a few of them would take the whole budget.
 MEMO_BYTES = 64 * 1024 * 1024
 MEMO_ENTRY_BYTES = 64 * 1024
 _MEMO_ENTRY_OVERHEAD = 400  # the dict slot, key tuples and CounterSet; each entry adds ~160 (two str headers, a pair)
@@ -323,7 +324,8 @@ def _memo_entry_bytes(key: MemoKey) -> int:
     (name, value) pairs)."""
     namespace = cast(str, key[0])
     descriptors = cast("tuple[tuple[tuple[str, str], ...], ...]", key[1:])
-    return _MEMO_ENTRY_OVERHEAD + len(namespace) + sum(len(k) + len(v) + 160 for pairs in descriptors for k, v in pairs)
+    pairs = (pair for descriptor in descriptors for pair in descriptor)
+    return _MEMO_ENTRY_OVERHEAD + len(namespace) + sum(len(k) + len(v) + 160 for k, v in pairs)
 
 
 def _checked_delta(delta: int, field_name: str = "delta") -> int:

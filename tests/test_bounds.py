@@ -141,7 +141,8 @@ def test_the_memo_is_bounded_in_bytes_and_keeps_a_working_set_that_fits() -> Non
     assert memo.older_bytes >= sum(map(_memo_entry_bytes, memo.older))  # an upper bound for the older one
     large = [{f"k{j}": value for j in range(60)}]
     engine.counters_for("limited", large)  # larger than one entry may be: resolved, not remembered
-    assert not any(isinstance(key[1], tuple) and len(key[1]) == 60 for generation in memo.generations for key in generation)
+    keys = [key for generation in memo.generations for key in generation]
+    assert not any(isinstance(key[1], tuple) and len(key[1]) == 60 for key in keys)
 
 
 def test_a_memoized_set_is_one_object_for_the_garbage_collector() -> None:

@@ -60,10 +60,11 @@ _FULL_MESSAGES = {
 _Plan = tuple[int, np.ndarray, "tuple[int, ...] | None"]
 """What the kernel needs to find a request's counters, built once per memoized set and kept as its
 storage_handle: (the limits' generation it was built for, the int64 array kernels.py describes
-[n, limit_no x n, key length x n, first key word x n, key words...], and the positions in the set of the counters in the array,
-None when that is all of them). A plain tuple of an int, an array and ints: Python's cyclic GC
-stops tracking such a tuple, and every memoized set has one (an object of a class is walked on
-every full collection: a memo of 100k sets was 300k tracked objects, ~50 ms a full collection)."""
+[n, limit_no x n, key length x n, first key word x n, key words...], and the positions in the set
+of the counters in the array, None when that is all of them). A plain tuple of an int, an array
+and ints: Python's cyclic GC stops tracking such a tuple, and every memoized set has one (an
+object of a class is walked on every full collection: a memo of 100k sets was 300k tracked
+objects, ~50 ms a full collection)."""
 
 
 def _identity_hashes(limits: Iterable[Limit]) -> np.ndarray:
