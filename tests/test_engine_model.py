@@ -13,6 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
+from ratelimit import engine as engine_module
 from ratelimit.counters import Commit, Decision
 from ratelimit.engine import RateLimiter
 from ratelimit.limits import Limit
@@ -173,3 +174,21 @@ def states_of(statuses) -> dict[tuple, tuple[int, int, int]]:
 
 EngineMatchesModel.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 TestEngineMatchesModel = EngineMatchesModel.TestCase
+
+
+class EngineWithATinyMemoMatchesModel(EngineMatchesModel):
+    """The same with a memo of a few sets a generation: sets are forgotten, and moved from the older
+    generation to the young one, every few requests; no answer may differ for it."""
+
+    def __init__(self) -> None:
+        self.memo_bytes = engine_module.MEMO_BYTES
+        engine_module.MEMO_BYTES = 4000  # ~800 bytes a set here: a generation holds two or three
+        super().__init__()
+
+    def teardown(self) -> None:
+        super().teardown()
+        engine_module.MEMO_BYTES = self.memo_bytes
+
+
+EngineWithATinyMemoMatchesModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestEngineWithATinyMemoMatchesModel = EngineWithATinyMemoMatchesModel.TestCase
