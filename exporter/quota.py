@@ -14,7 +14,7 @@ next to a per-user limit) are set to that counter's value, so quota series join 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.core import Metric
@@ -22,6 +22,7 @@ from prometheus_client.core import Metric
 from ratelimit.cel import Expression
 from ratelimit.counters import CounterStatus, StorageError
 from ratelimit.limits import Limit
+from ratelimit.pacing import Pace
 from ratelimit.storage.summary import CounterSummary, LimitSummary, used, utilisation
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class QuotaCollector:
         self._read = read_summary
         self._custom = dict(sorted((custom_labels or {}).items()))
         self.top_n = top_n
-        self._summary = CounterSummary([], {})
+        self._families: list[Metric] = []
         self.listing_ok = True
         """Whether the last refresh read the counters (`ratelimit_quota_listing_ok`)."""
         self.failed_listings = 0
@@ -74,8 +75,11 @@ class QuotaCollector:
         self._custom = dict(sorted(custom_labels.items()))
 
     async def refresh(self) -> None:
+        """Read the summary and build the families `collect` hands out, in paced slices
+        (ratelimit.pacing): the series of 500 counters are ~8 ms of Python, which in one go (at
+        collect) held every decision that long."""
         try:
-            self._summary = await self._read(self.top_n, UTILISATION_THRESHOLDS)
+            summary = await self._read(self.top_n, UTILISATION_THRESHOLDS)
         except StorageError as exc:
             # The call series must still be scraped while Redis is away; stale quota would mislead,
             # so no quota series, and ratelimit_quota_listing_ok 0 says why (not "no counters").
@@ -84,16 +88,22 @@ class QuotaCollector:
                 logger.error("quota metrics: cannot read counters (ratelimit_quota_listing_ok is 0 until "
                              "they can be read again): %s", exc)
             self.listing_ok = False
-            self._summary = CounterSummary([], {})
+            self._families = await self._families_of(CounterSummary([], {}))
             return
         if not self.listing_ok:
             logger.error("quota metrics: counters read again, after %d failed listings", self.failed_listings)
         self.listing_ok = True
+        self._families = await self._families_of(summary)
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the snapshot; nothing to reserve up front
 
     def collect(self) -> list[Metric]:
+        """The families of the last refresh (none before the first)."""
+        return self._families
+
+    async def _families_of(self, summary: CounterSummary) -> list[Metric]:
+        pace = Pace()
         label_names = (NAMESPACE_LABEL, "limit_name", "window_seconds", "counter", *self._custom)
         families = {
             "limit": Metric("ratelimit_quota_limit", "Counter's max_value in its window", "gauge"),
@@ -105,29 +115,31 @@ class QuotaCollector:
         listing_ok = Metric("ratelimit_quota_listing_ok", "1 when the last scrape could read the counters", "gauge")
         listing_ok.add_sample(listing_ok.name, {}, 1 if self.listing_ok else 0)
         counts = Metric("ratelimit_quota_counters", "Live counters per limit (before the top-N cap)", "gauge")
-        groups = self._by_limit_key()
-        for row in self._rows(groups):
+        groups = _by_limit_key(summary)
+        for row in self._rows(summary, groups):
             labels = dict(zip(label_names, (row.namespace, row.limit_name, row.window, row.counter, *row.labels)))
             labels = {name: value for name, value in labels.items() if value != ""}
             for key, family in families.items():
                 family.add_sample(family.name, labels, getattr(row, key))
+            if pace.worked_a_slice():
+                await pace.rest()
         for (namespace, name, window), group in groups.items():
             counts.add_sample(counts.name, {NAMESPACE_LABEL: namespace, "limit_name": name,
                                             "window_seconds": window}, sum(s.counters for s in group))
-        return [listing_ok, *families.values(), counts, self._at_or_above(groups)]
+        return [listing_ok, *families.values(), counts, _at_or_above(groups)]
 
-    def _rows(self, groups: _Groups) -> list[_Row]:
+    def _rows(self, summary: CounterSummary, groups: _Groups) -> Iterator[_Row]:
         """The top_n busiest counters, then one summed row per (namespace, limit) for the rest."""
-        rows = [self._row(status) for status in self._summary.busiest]
+        for status in summary.busiest:
+            yield self._row(status)
         for (namespace, name, window), group in groups.items():
-            rest = [summary for summary in group if summary.others]
+            rest = [limit_summary for limit_summary in group if limit_summary.others]
             if rest:
-                rows.append(_Row(
+                yield _Row(
                     namespace, name, window, OTHER, ("",) * len(self._custom),
                     limit=sum(s.others_max_value for s in rest), used=sum(s.others_used for s in rest),
                     remaining=sum(s.others_remaining for s in rest), reset=min(s.others_reset for s in rest),
-                ))
-        return rows
+                )
 
     def _row(self, status: CounterStatus) -> _Row:
         namespace, name, window = _limit_key(status.limit)
@@ -139,23 +151,25 @@ class QuotaCollector:
         by_source = {_normalise(source): value for source, value in status.counter.set_variables.items()}
         return tuple(by_source.get(_normalise(expr.source), "") for expr in self._custom.values())
 
-    def _by_limit_key(self) -> _Groups:
-        """Limits of one (namespace, name, window) are one set of series, whatever their conditions."""
-        groups: _Groups = {}
-        for limit, summary in self._summary.limits.items():
-            groups.setdefault(_limit_key(limit), []).append(summary)
-        return groups
 
-    def _at_or_above(self, groups: _Groups) -> Metric:
-        """Per limit, how many of its counters (all of them, not only the top N) used at least
-        each threshold of their limit."""
-        family = Metric("ratelimit_quota_counters_at_or_above",
-                        "Live counters whose used / limit is at least `threshold`", "gauge")
-        for (namespace, name, window), group in sorted(groups.items()):
-            for k, threshold in enumerate(UTILISATION_THRESHOLDS):
-                family.add_sample(family.name, {NAMESPACE_LABEL: namespace, "limit_name": name, "window_seconds": window,
-                                                "threshold": repr(threshold)}, sum(s.at_or_above[k] for s in group))
-        return family
+def _by_limit_key(summary: CounterSummary) -> _Groups:
+    """Limits of one (namespace, name, window) are one set of series, whatever their conditions."""
+    groups: _Groups = {}
+    for limit, limit_summary in summary.limits.items():
+        groups.setdefault(_limit_key(limit), []).append(limit_summary)
+    return groups
+
+
+def _at_or_above(groups: _Groups) -> Metric:
+    """Per limit, how many of its counters (all of them, not only the top N) used at least
+    each threshold of their limit."""
+    family = Metric("ratelimit_quota_counters_at_or_above",
+                    "Live counters whose used / limit is at least `threshold`", "gauge")
+    for (namespace, name, window), group in sorted(groups.items()):
+        for k, threshold in enumerate(UTILISATION_THRESHOLDS):
+            family.add_sample(family.name, {NAMESPACE_LABEL: namespace, "limit_name": name, "window_seconds": window,
+                                            "threshold": repr(threshold)}, sum(s.at_or_above[k] for s in group))
+    return family
 
 
 def _limit_key(limit: Limit) -> tuple[str, str, str]:
