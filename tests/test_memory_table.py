@@ -196,15 +196,17 @@ THRESHOLDS = (0.5, 0.75, 0.9, 1.0)
     hits=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30), st.integers(0, 12), st.booleans()), max_size=60),
     top_n=st.integers(0, 8),
     scan_rows=st.sampled_from([3, 7, 1 << 15]),
+    chunk=st.sampled_from([1, 2, 5, 1 << 11]),
 )
 
 
 async def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[int, int, int, bool]], top_n: int,
-                                                        scan_rows: int) -> None:
-    """The memory table's numpy summary (chunked scans, busiest kept per chunk) equals `summarize`
-    over the plain listing: the same busiest counters in the same order, and the same per-limit
-    totals, thresholds and soonest reset of the rest; with windows at different ages, reservations,
-    overshoot and a limit of 0."""
+                                                        scan_rows: int, chunk: int) -> None:
+    """The memory table's summary (a pass for the busiest, which lists only counters busier than
+    the top_n found so far, then a pass adding up the rest, both in chunks of rows) equals
+    `summarize` over the plain listing: the same busiest counters in the same order, and the same
+    per-limit totals, thresholds and soonest reset of the rest; with windows at different ages,
+    reservations, overshoot and a limit of 0."""
     limits = [Limit(NS, 10, 60, (), (USER,), name="small"), Limit(NS, 0, 30, (), (USER,), name="closed"),
               Limit(NS, 25, 90, (), (USER, MODEL), name="pair")]
     engine, storage, clock = engine_with(*limits)
@@ -219,7 +221,7 @@ async def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[in
         else:
             await storage.update_counters(only, amount)
     listing = await storage.get_counters(limits)
-    with mock.patch.object(memory, "LIST_SCAN_ROWS", scan_rows):
+    with mock.patch.object(memory, "LIST_SCAN_ROWS", scan_rows), mock.patch.object(memory, "SUMMARY_CHUNK", chunk):
         got = await storage.counter_summary(limits, top_n, THRESHOLDS)
     expected = summarize(listing, top_n, THRESHOLDS)
     assert [(s.counter, s.value, s.reserved, s.expires_in) for s in got.busiest] == \

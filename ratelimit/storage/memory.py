@@ -29,7 +29,7 @@ from ratelimit.limits import Limit
 from ratelimit.pacing import Pace
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
-from ratelimit.storage.summary import CounterSummary, LimitSummary
+from ratelimit.storage.summary import CounterSummary, LimitSummary, used, utilisation
 from ratelimit.storage.table import CounterTable, TableStats, warm_up
 
 DEFAULT_CAPACITY = 2_000_000
@@ -38,9 +38,8 @@ LIST_PAGE = 1000
 LIST_SCAN_ROWS = 1 << 15
 """Rows one listing kernel call scans under the lock (a fraction of a millisecond)."""
 SUMMARY_CHUNK = 1 << 11
-"""Live counters a summary takes per chunk: reading them out and adding them up is about half a
-millisecond of the event loop (32k rows a chunk held it 3-4 ms, which showed in decision latency
-during quota scrapes)."""
+"""Live counters the busiest pass of a summary copies out per call at most (until the busiest
+`top_n` are known every counter is a candidate): a fraction of a millisecond of the event loop."""
 LIST_ROWS_PER_PAGE = 1 << 18
 """Rows one page scans at most, so a page that matches little still returns (with a cursor) soon."""
 SWEEP_ROWS = 1 << 16
@@ -194,61 +193,36 @@ class MemoryStorage(Storage):
         return statuses, next_cursor
 
     async def counter_summary(self, limits: Sequence[Limit], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
-        """`summarize` over every live counter of `limits`, computed from the table in numpy: a
-        Python object only for the busiest `top_n` counters. The table is scanned in chunks of
-        at most SUMMARY_CHUNK live counters (each under the lock for a fraction of a millisecond), the event loop
-        free in between (paced: ratelimit.pacing); counters that change meanwhile are seen before or after."""
+        """`summarize` over every live counter of `limits`, computed in the table: a Python object
+        only for the busiest `top_n` counters. Two passes over the table, LIST_SCAN_ROWS rows per
+        kernel call (each under the lock for a fraction of a millisecond), the event loop free in
+        between (paced: ratelimit.pacing): the busiest, then the totals of every other counter.
+        Counters that change meanwhile are seen before or after; a busiest counter is added up as
+        the first pass saw it."""
         pace = Pace()
         wanted, limit_of_no = self._wanted(limits)
-        chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # limit no, used, max, reset
-        candidates: list[tuple[int, int, CounterStatus]] = []  # (-used, position in the listing, status)
-        seen = 0
-        cursor: int | None = 0 if limit_of_no else None
-        while cursor is not None:
-            listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, SUMMARY_CHUNK)
-            numbers = listed[:, 1]
-            chunk_used = listed[:, 2] + listed[:, 4]
-            resets = np.where(listed[:, 3] > 0, (listed[:, 3] - now) / 1000, 0.0)
-            chunks.append((numbers, chunk_used, self._max_values[numbers], resets))
-            # The busiest of the whole table are among the busiest of each chunk; once top_n are
-            # known, only a counter using more than the last of them can displace one (on a tie the
-            # earlier counter stays), so later chunks rarely build any.
-            if len(candidates) >= top_n and top_n:
-                candidates.sort(key=lambda candidate: candidate[:2])
-                del candidates[top_n:]
-                busier = np.flatnonzero(chunk_used > -candidates[-1][0])
-            else:
-                busier = np.arange(len(listed))
-            for k in busier[np.argsort(-chunk_used[busier], kind="stable")][:top_n].tolist():
-                status = _status_at(limit_of_no, listed[k].tolist(), key_bytes, now)
-                candidates.append((-(status.value + status.reserved), seen + k, status))
-            seen += len(listed)
-            await pace.rest()
-        candidates.sort(key=lambda candidate: candidate[:2])
-        busiest = candidates[:top_n]
-        chosen = np.array(sorted(position for _, position, _ in busiest), dtype=np.int64)
-        # Totals per limit number, added up chunk by chunk (each a fraction of a millisecond).
+        busiest = await self._busiest(wanted, limit_of_no, top_n, pace) if limit_of_no and top_n > 0 else []
         slots = self.table.limit_slots
-        counts = np.zeros(slots, dtype=np.int64)
-        reached = np.zeros((len(thresholds), slots), dtype=np.int64)
+        threshold_array = np.array(thresholds, dtype=np.float64)
         others = np.zeros(slots, dtype=np.int64)
+        reached = np.zeros((len(thresholds), slots), dtype=np.int64)
         sums = np.zeros((3, slots), dtype=np.int64)  # max_value, used, remaining of the others
         soonest = np.full(slots, np.inf)
-        offset = 0
-        for numbers, chunk_used, max_values, resets in chunks:
-            counts += np.bincount(numbers, minlength=slots)
-            ratios = np.divide(chunk_used, max_values, out=np.ones(len(numbers)), where=max_values > 0)
-            for k, threshold in enumerate(thresholds):
-                reached[k] += np.bincount(numbers[ratios >= threshold], minlength=slots)
-            other = np.ones(len(numbers), dtype=np.bool_)
-            other[chosen[(chosen >= offset) & (chosen < offset + len(numbers))] - offset] = False
-            offset += len(numbers)
-            numbers, chunk_used, max_values, resets = numbers[other], chunk_used[other], max_values[other], resets[other]
-            others += np.bincount(numbers, minlength=slots)
-            for row, column in enumerate((max_values, chunk_used, np.clip(max_values - chunk_used, 0, max_values))):
-                np.add.at(sums[row], numbers, column)
-            np.minimum.at(soonest, numbers, resets)
+        skipped = np.array(sorted(row for row, _ in busiest), dtype=np.int64)
+        cursor: int | None = 0 if limit_of_no else None
+        while cursor is not None:
+            result = self._call(kernels.add_up_rows, wanted, self._max_values, threshold_array, skipped, cursor,
+                                LIST_SCAN_ROWS, self._now_ms(), _pid(), others, reached, sums, soonest)
+            cursor = None if result[1] < 0 else int(result[1])
             await pace.rest()
+        counts = others.copy()
+        no_of_limit = {limit: no for no, limit in limit_of_no.items()}
+        for _, status in busiest:
+            no = no_of_limit[status.limit]
+            counts[no] += 1
+            ratio = utilisation(used(status), status.limit.max_value)
+            for k, threshold in enumerate(thresholds):
+                reached[k, no] += ratio >= threshold
         summaries = {
             limit_of_no[no]: LimitSummary(
                 counters=int(counts[no]), at_or_above=[int(r) for r in reached[:, no]], others=int(others[no]),
@@ -257,7 +231,37 @@ class MemoryStorage(Storage):
             )
             for no in np.flatnonzero(counts).tolist()
         }
-        return CounterSummary([status for _, _, status in busiest], summaries)
+        return CounterSummary([status for _, status in busiest], summaries)
+
+    async def _busiest(self, wanted: np.ndarray, limit_of_no: dict[int, Limit], top_n: int,
+                       pace: Pace) -> list[tuple[int, CounterStatus]]:
+        """(row, status) of the `top_n` live counters using the most, ties in row (listing) order.
+        Once top_n are known, the kernel lists only counters using more than the last of them (on
+        a tie the earlier counter stays), so most of the table is scanned without copying a row."""
+        chunks: list[tuple[np.ndarray, np.ndarray, int]] = []  # listed rows, their key bytes, when read
+        candidates: list[tuple[int, int, int, int]] = []  # (-used, row, chunk, position in the chunk)
+        floor = -1
+        cursor: int | None = 0
+        while cursor is not None:
+            listed, key_bytes, now, cursor = self._chunk(wanted, None, cursor, SUMMARY_CHUNK, floor)
+            if len(listed):
+                chunk_used = listed[:, 2] + listed[:, 4]
+                best = np.argsort(-chunk_used, kind="stable")[:top_n]
+                candidates.extend(zip((-chunk_used[best]).tolist(), listed[best, 0].tolist(),
+                                      [len(chunks)] * len(best), best.tolist(), strict=True))
+                chunks.append((listed, key_bytes, now))
+                candidates.sort()
+                del candidates[top_n:]
+                if len(candidates) == top_n:
+                    floor = -candidates[-1][0]
+            await pace.rest()
+        busiest = []
+        for _, row, chunk, k in candidates:
+            listed, key_bytes, now = chunks[chunk]
+            busiest.append((row, _status_at(limit_of_no, listed[k].tolist(), key_bytes, now)))
+            if pace.worked_a_slice():
+                await pace.rest()
+        return busiest
 
     def _wanted(self, limits: Sequence[Limit]) -> tuple[np.ndarray, dict[int, Limit]]:
         """The limit numbers of `limits` in this table, as a mask for the kernels and a look-up."""
@@ -270,10 +274,10 @@ class MemoryStorage(Storage):
                 limit_of_no[no] = limit
         return wanted, limit_of_no
 
-    def _chunk(self, wanted: np.ndarray, needle: bytes | None, cursor: int,
-               room: int) -> tuple[np.ndarray, np.ndarray, int, int | None]:
-        """At most `room` live rows of the wanted limits from row `cursor` on, within LIST_SCAN_ROWS
-        rows, copied out under the lock (a fraction of a millisecond): (listed rows as in
+    def _chunk(self, wanted: np.ndarray, needle: bytes | None, cursor: int, room: int,
+               min_used: int = -1) -> tuple[np.ndarray, np.ndarray, int, int | None]:
+        """At most `room` live rows of the wanted limits (using more than `min_used`) from row
+        `cursor` on, within LIST_SCAN_ROWS rows, copied out under the lock (a fraction of a millisecond): (listed rows as in
         kernels.list_rows, their key bytes, the time they were read at, the next cursor or None)."""
         needle_array = np.array(bytearray(needle or b""), dtype=np.uint8)  # writable: one compiled type
         listed = np.empty((room, kernels.LISTED_WIDTH), dtype=np.int64)
@@ -281,8 +285,8 @@ class MemoryStorage(Storage):
         while True:
             listed_keys = np.empty(key_room + kernels.BLOCK_PAYLOAD_WORDS, dtype=np.int64)
             now = self._now_ms()
-            result = self._call(kernels.list_rows, wanted, needle_array, cursor, LIST_SCAN_ROWS, now, _pid(), listed,
-                                listed_keys)
+            result = self._call(kernels.list_rows, wanted, needle_array, min_used, cursor, LIST_SCAN_ROWS, now, _pid(),
+                                listed, listed_keys)
             if result[0] > 0 or result[2] == 0:
                 break
             key_room = int(result[2])  # the next key alone is longer than the buffer

@@ -305,8 +305,11 @@ def warm_up() -> None:
     plan = np.array([1, numbers[0], 4, 0, int.from_bytes(b"warm", "little")], dtype=np.int64)
     for mode in (k.CHECK, k.CHECK_AND_UPDATE, k.UPDATE, k.RESERVE, k.COMMIT):
         k.decide(words, max_values, plan, mode, 1, 1, 1, int(out[k.R_SLOT]), 7, 5, out)
-    k.list_rows(words, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), 0, 8, 1, 1,
+    k.list_rows(words, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), -1, 0, 8, 1, 1,
                 np.zeros((4, k.LISTED_WIDTH), dtype=np.int64), np.zeros(64, dtype=np.int64), out)
+    k.add_up_rows(words, np.ones(8, dtype=np.bool_), max_values, np.ones(1), np.zeros(0, dtype=np.int64), 0, 8, 1, 1,
+                  np.zeros(8, dtype=np.int64), np.zeros((1, 8), dtype=np.int64), np.zeros((3, 8), dtype=np.int64),
+                  np.full(8, np.inf), out)
     k.sweep(words, 8, 10_000, 1, out)
     k.lock_holder(words)
     k.steal_lock(words, -1, 1)
