@@ -3,22 +3,24 @@
 A load generator (its own process) sends ShouldRateLimit over gRPC at a fixed rate to one
 `ratelimit serve --quota-metrics` (memory storage) holding 300k live counters, and records each
 call's latency from its *scheduled* send time (so a stalled server is not hidden by the generator
-waiting too: no coordinated omission). Meanwhile this process runs, one phase after another, with
-an idle phase before each of the others:
+waiting too: no coordinated omission). Meanwhile this process runs the control-plane phases:
 
-- idle: nothing;
-- walk: a paged `GET /counters/{ns}?limit=1000` walk over all counters, again and again;
+- walk: paged `GET /counters/{ns}?limit=1000` walks over all counters, one after another;
 - scrape: `GET /metrics` (quota gauges over every counter) every second;
-- reload: the limits file swapped between the bench limits and a 2,000-limit version of them.
+- reload: the limits file swapped between the bench limits and a 2,000-limit version of them;
 
-Decision p50 / p99 / max per phase, and each phase's p99 against idle's (all idle phases together).
-Target: p99 <= 2x idle, no decision over 50 ms. Why idle comes back before each phase, and phases
-last 24 s: on a shared 2-core VM the machine's own speed drifts within a run (the idle p99 of runs
-minutes apart went from 2.9 to 5.4 ms), and with one 12 s idle phase at the start the same code
-measured 1.4x-2.8x in the reload phase: a p99 of 2,400 decisions is set by its 24 slowest, which
-one hiccup of the machine moves.
+each split into `--rounds` segments (default 3 of 8 s), and every segment after an idle one
+(nothing but the decisions): idle, walk, idle, scrape, idle, reload, then again.
 
-    flock /tmp/bench.lock .venv/bin/python -m bench.stall [--quick] [--phase-seconds S] [--json PATH]
+Decision p50 / p99 / max per phase (its segments together), and each phase's p99 against idle's
+(all idle segments together). Target: p99 <= 2x idle, no decision over 50 ms. Why idle and load
+alternate in short segments: on a shared 2-core VM the machine's own speed drifts (the idle p99 of
+runs minutes apart went from 2.4 to 5.4 ms), and a p99 of 4,800 decisions is set by its 48 slowest,
+which one hiccup moves. With one 12 s idle phase at the start the same code measured 1.4x-2.8x in
+the reload phase; with one 24 s idle phase before each 24 s phase, 1.5x-2.2x in the walk phase.
+Each segment's p99 is in the JSON, to show the drift.
+
+    flock /tmp/bench.lock .venv/bin/python -m bench.stall [--quick] [--phase-seconds S] [--rounds N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -129,58 +131,80 @@ def fill(target: str, counters: int) -> None:
     asyncio.run(run())
 
 
-def walk(http: httpx.Client, until: float) -> dict[str, Any]:
-    walks, pages, listed = 0, 0, 0
-    while time.monotonic() < until:
-        cursor = None
+class Walk:
+    """Paged `GET /counters/{ns}?limit=1000` walks, one after another, resumed across rounds."""
+
+    def __init__(self) -> None:
+        self.cursor: str | None = None
+        self.walks, self.pages, self.listed = 0, 0, 0
+
+    def __call__(self, http: httpx.Client, until: float) -> None:
         while time.monotonic() < until:
-            params: dict[str, Any] = {"limit": 1000, **({"cursor": cursor} if cursor else {})}
+            params: dict[str, Any] = {"limit": 1000, **({"cursor": self.cursor} if self.cursor else {})}
             response = http.get(f"/counters/{NAMESPACE}", params=params)
             response.raise_for_status()
-            pages += 1
-            listed += response.content.count(b"\"namespace\":")  # no parse: the client shares the machine
-            cursor = response.headers.get("x-next-cursor")
-            if cursor is None:
-                walks += 1
-                break
-    return {"complete_walks": walks, "pages": pages, "counters_listed": listed}
+            self.pages += 1
+            self.listed += response.content.count(b"\"namespace\":")  # no parse: the client shares the machine
+            self.cursor = response.headers.get("x-next-cursor")
+            self.walks += self.cursor is None
+
+    def details(self) -> dict[str, Any]:
+        return {"complete_walks": self.walks, "pages": self.pages, "counters_listed": self.listed}
 
 
-def scrape(http: httpx.Client, until: float) -> dict[str, Any]:
-    durations = []
-    while time.monotonic() < until:
-        started = time.monotonic()
-        response = http.get("/metrics")
-        response.raise_for_status()
-        durations.append(time.monotonic() - started)
-        time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
-    return {"scrapes": len(durations), "scrape_seconds_median": statistics.median(durations) if durations else None,
-            "bytes_last": len(response.content) if durations else 0}
+class Scrape:
+    """`GET /metrics` (quota gauges over every counter) every second."""
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self.bytes_last = 0
+
+    def __call__(self, http: httpx.Client, until: float) -> None:
+        while time.monotonic() < until:
+            started = time.monotonic()
+            response = http.get("/metrics")
+            response.raise_for_status()
+            self.durations.append(time.monotonic() - started)
+            self.bytes_last = len(response.content)
+            time.sleep(max(0.0, min(1.0 - (time.monotonic() - started), until - time.monotonic())))
+
+    def details(self) -> dict[str, Any]:
+        median = statistics.median(self.durations) if self.durations else None
+        return {"scrapes": len(self.durations), "scrape_seconds_median": median, "bytes_last": self.bytes_last}
+
+
+class Reload:
+    """The limits file swapped between the 2,000-limit and the bench version, each change waited
+    for in `/status` (polled every 20 ms) before the next."""
+
+    def __init__(self, limits_file: Path) -> None:
+        self.limits_file = limits_file
+        self.durations: list[float] = []
+
+    def __call__(self, http: httpx.Client, until: float) -> None:
+        texts = [RELOAD_LIMITS, BENCH_LIMITS]
+        while time.monotonic() < until:
+            version = http.get("/status").json()["config_version"]
+            started = time.monotonic()
+            temporary = self.limits_file.with_name(".limits.tmp")
+            temporary.write_text(texts[len(self.durations) % 2])
+            os.replace(temporary, self.limits_file)
+            while http.get("/status").json()["config_version"] == version:
+                time.sleep(0.02)
+            self.durations.append(time.monotonic() - started)
+
+    def details(self) -> dict[str, Any]:
+        median = statistics.median(self.durations) if self.durations else None
+        return {"reloads": len(self.durations), "applied_after_seconds_median": median}
 
 
 SETTLE_SECONDS = 1.0
-"""After each control-plane phase: what it leaves running (paced frees) counts for no phase."""
+"""After each control-plane segment: what it leaves running (paced frees) counts for no phase."""
 
 
-def idle(http: httpx.Client, until: float) -> dict[str, Any]:
+def idle(http: httpx.Client, until: float) -> None:
     """The control phase: nothing but the decisions."""
     time.sleep(max(0.0, until - time.monotonic()))
-    return {}
-
-
-def reload(http: httpx.Client, limits_file: Path, until: float) -> dict[str, Any]:
-    durations: list[float] = []
-    texts = [RELOAD_LIMITS, BENCH_LIMITS]
-    while time.monotonic() < until:
-        version = http.get("/status").json()["config_version"]
-        started = time.monotonic()
-        temporary = limits_file.with_name(".limits.tmp")
-        temporary.write_text(texts[len(durations) % 2])
-        os.replace(temporary, limits_file)
-        while http.get("/status").json()["config_version"] == version:
-            time.sleep(0.02)
-        durations.append(time.monotonic() - started)
-    return {"reloads": len(durations), "applied_after_seconds_median": statistics.median(durations)}
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
@@ -199,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="decisions per second")
     parser.add_argument("--phases", default="walk,scrape,reload",
                         help="comma-separated control-plane phases to run after idle (default: all)")
-    parser.add_argument("--phase-seconds", type=float, help="how long each phase lasts (default 24, --quick 5)")
+    parser.add_argument("--phase-seconds", type=float, help="how long each phase lasts in all (default 24, --quick 6)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="segments each phase is split into, interleaved with idle ones (default 3)")
     parser.add_argument("--generator", nargs=4, metavar=("TARGET", "RATE", "SECONDS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generator:
@@ -207,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(generate(target, float(rate), float(seconds), Path(out)))
         return 0
     counters = 30_000 if args.quick else 300_000
-    phase_seconds = args.phase_seconds or (5.0 if args.quick else 24.0)
+    phase_seconds = args.phase_seconds or (6.0 if args.quick else 24.0)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    segment_seconds = phase_seconds / args.rounds
     wanted = args.phases.split(",")
     unknown = sorted(set(wanted) - {"walk", "scrape", "reload"})
     if unknown:
@@ -231,25 +260,30 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             fill(target, counters)
             print(f"  filled in {time.monotonic() - started:.1f}s", flush=True)
-            actions: dict[str, Callable[[httpx.Client, float], dict[str, Any]]] = {
-                "walk": walk, "scrape": scrape, "reload": lambda h, u: reload(h, limits_file, u),
+            actions: dict[str, Walk | Scrape | Reload] = {
+                "walk": Walk(), "scrape": Scrape(), "reload": Reload(limits_file),
             }
-            phases = [phase for name in wanted for phase in (("idle", idle), (name, actions[name]))]
-            total = phase_seconds * len(phases) + SETTLE_SECONDS * len(wanted) + 2
+            segments: list[tuple[str, Callable[[httpx.Client, float], None]]] = [
+                segment for _ in range(args.rounds) for name in wanted for segment in (("idle", idle), (name, actions[name]))
+            ]
+            total = segment_seconds * len(segments) + SETTLE_SECONDS * len(segments) / 2 + 2
             out = work / "latencies.json"
             generator = subprocess.Popen([sys.executable, "-m", "bench.stall", "--generator", target,
                                           str(args.rate), str(total), str(out)], cwd=REPO)
             serve_cpu_before = _cpu_seconds(serve.pid)
             windows: dict[str, list[tuple[float, float]]] = {}
-            details: dict[str, dict[str, Any]] = {}
             time.sleep(1.0)  # the generator's start-up and warm-up
-            for name, action in phases:
+            for name, action in segments:
                 begin = time.monotonic()
-                details[name] = action(http, begin + phase_seconds)
+                action(http, begin + segment_seconds)
                 windows.setdefault(name, []).append((begin, time.monotonic()))
-                print(f"  {name}: {details[name]}", flush=True)
                 if name != "idle":
                     time.sleep(SETTLE_SECONDS)
+            details: dict[str, dict[str, Any]] = {
+                name: action.details() for name, action in actions.items() if name in wanted
+            }
+            for name, row in details.items():
+                print(f"  {name}: {row}", flush=True)
             generator.wait(timeout=total + 120)
             serve_cpu = _cpu_seconds(serve.pid) - serve_cpu_before
             load_average = os.getloadavg()
@@ -265,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         latencies = latencies_in(spans)
         rows[name] = percentiles(latencies) if latencies else {"count": 0}
     idle_p99 = rows["idle"]["p99_ms"]
-    each_idle = [percentiles(latencies_in([span]))["p99_ms"] for span in windows["idle"]]
-    details["idle"] = {"p99_ms_of_each_idle_phase": each_idle}
+    for name, spans in windows.items():  # the drift, and how each segment compares
+        details.setdefault(name, {})["p99_ms_of_each_segment"] = [percentiles(latencies_in([s]))["p99_ms"] for s in spans]
     print(f"\nDecision latency over gRPC at {args.rate:g}/s, {counters} live counters "
           f"(load average after: {load_average[0]:.2f} {load_average[1]:.2f} {load_average[2]:.2f})\n")
     print("| phase | decisions | p50 ms | p99 ms | max ms | p99 / idle p99 | target met |")
@@ -284,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
           f"service: {serve_cpu:.1f} CPU s over the phases")
     write_results(args.json, {
         "machine": facts, "load_average_after": load_average, "rate": args.rate, "counters": counters,
-        "phase_seconds": phase_seconds, "phases": rows, "details": details,
+        "phase_seconds": phase_seconds, "rounds": args.rounds, "phases": rows, "details": details,
         "generator_errors": result["errors"], "generator_cpu_seconds": result["cpu_seconds"],
         "service_cpu_seconds": serve_cpu,
     })
