@@ -4,6 +4,7 @@ coming and going through the open-addressing index (compared with the reference 
 
 from __future__ import annotations
 
+import asyncio
 import random
 from unittest import mock
 
@@ -227,6 +228,38 @@ async def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[in
     assert [(s.counter, s.value, s.reserved, s.expires_in) for s in got.busiest] == \
         [(s.counter, s.value, s.reserved, s.expires_in) for s in expected.busiest]
     assert got.limits == expected.limits
+
+
+async def test_a_summary_leaves_the_loop_free_between_chunks_of_rows() -> None:
+    """Both passes of a summary go back to the loop between kernel calls of LIST_SCAN_ROWS rows:
+    a scrape over 300k counters never holds the decisions for its whole length (here 64-row calls
+    over 1,000 counters; another task runs between every two calls)."""
+    per_user = Limit(NS, 100, 60, (), (USER,), name="per-user")
+    engine, storage, _ = engine_with(per_user)
+    for i in range(1000):
+        await engine.report(NS, [{"user": f"u{i}"}], 1 + i % 50)
+    events: list[str] = []
+    call = storage._call
+
+    def kernel_call(*args: object) -> object:
+        events.append("kernel")
+        return call(*args)  # type: ignore[arg-type]
+
+    async def tick() -> None:
+        while True:
+            if events[-1:] != ["turn"]:
+                events.append("turn")
+            await asyncio.sleep(0)
+
+    ticker = asyncio.get_running_loop().create_task(tick())
+    await asyncio.sleep(0)
+    with mock.patch.object(memory, "LIST_SCAN_ROWS", 64), mock.patch.object(storage, "_call", kernel_call):
+        got = await storage.counter_summary([per_user], 20, THRESHOLDS)
+    ticker.cancel()
+    assert events.count("kernel") >= 2 * (1000 // 64)  # each pass over the rows
+    assert all(a != b for a, b in zip(events, events[1:]))  # a turn of the loop between every two calls
+    assert [s.value for s in got.busiest] == [50] * 20
+    assert got.limits[per_user].counters == 1000 and got.limits[per_user].others == 980
 
 
 def _small_registry(clock: Clock) -> MemoryStorage:
