@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ratelimit.limits import Limit
 
@@ -64,18 +63,6 @@ class CounterStatus:
     def overshoot(self) -> int:
         """How far unconditional reports pushed the counter past max_value."""
         return max(0, self.value - self.limit.max_value)
-
-    def to_dict(self, limit: dict[str, Any] | None = None) -> dict[str, object]:
-        """Limitador's `/counters` JSON shape, plus our `overshoot` and `reserved` fields; `limit`
-        is the limit's `to_dict()` when the caller already made it (listings: once per limit)."""
-        return {
-            "limit": limit if limit is not None else self.limit.to_dict(),
-            "set_variables": self.counter.set_variables,
-            "remaining": self.remaining,
-            "expires_in_seconds": int(self.expires_in + 0.999),
-            "overshoot": self.overshoot,
-            "reserved": self.reserved,
-        }
 
 
 def tightest(statuses: Iterable[CounterStatus]) -> CounterStatus | None:

@@ -6,19 +6,22 @@ client) relies on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 import ratelimit.metrics
-from ratelimit.counters import Decision, StorageError
+from ratelimit.counters import Counter, CounterStatus, Decision, StorageError
 from ratelimit.engine import MAX_DELTA, InvalidRequest, RateLimiter
-from ratelimit.limits import parse_limits
+from ratelimit.limits import Limit, parse_limits
 from ratelimit.metrics import Metrics
-from ratelimit.server.http import create_http_app
+from ratelimit.server.http import _counters_json, create_http_app
 from ratelimit.server.state import Service, ServiceOptions
 from ratelimit.sources.status import ConfigStatus
 from ratelimit.storage.base import CounterPage
@@ -594,3 +597,45 @@ async def test_status_has_limitadors_fields_and_ours(client: Client, service: Se
     assert body["config_error"].startswith("limits.yaml:3")
     assert body["limits_source"] == "limits.yaml"
     assert "+" not in body["started_at"] and not body["started_at"].endswith("Z")  # naive, as Limitador's
+
+
+_TEXT = st.text(st.characters(codec="utf-8"), max_size=12)  # quotes, backslashes, controls, emoji
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 2), st.lists(_TEXT, min_size=3, max_size=3), st.integers(0, 3000),
+                            st.integers(0, 500), st.floats(0, 7200, allow_nan=False)), max_size=12),
+    names=st.lists(_TEXT, min_size=3, max_size=3),
+)
+def test_counters_json_is_limitadors_shape_of_each_status(
+    rows: list[tuple[int, list[str], int, int, float]], names: list[str]
+) -> None:
+    """/counters objects, written out directly, parse to exactly Limitador's shape built from each
+    status; with limits of 0 to 2 variables, any value text, overshoot and reservations, and a limit
+    replaced by a reload (equal identity, another max_value) between two chunks of one call."""
+    limits = [
+        Limit("ns", 1000, 60, (), (), name=names[0]),
+        Limit("ns", 0, 3600, ("descriptors[0].tier == 'free'",), ("descriptors[0].user",), name=names[1]),
+        Limit("ns", 2000, 30, (), ("descriptors[0].user", "descriptors[0]['model \"x\"']"), name=names[2]),
+    ]
+    reloaded = Limit("ns", 5, 60, (), (), name="reloaded")  # the same identity as limits[0]
+    statuses = [
+        CounterStatus(Counter(limits[which], tuple(values[: len(limits[which].variables)])), value, expires, reserved)
+        for which, values, value, reserved, expires in rows
+    ]
+    later = [CounterStatus(Counter(reloaded, ()), 7, 30.0)]
+    formatted: dict[int, Any] = {}
+    text = f"[{_counters_json(statuses, formatted)},{_counters_json(later, formatted)}]" if statuses else \
+        f"[{_counters_json(later, formatted)}]"
+    assert json.loads(text) == [
+        {
+            "limit": status.limit.to_dict(),
+            "set_variables": dict(zip(status.limit.variables, status.counter.values, strict=True)),
+            "remaining": status.remaining,
+            "expires_in_seconds": int(status.expires_in + 0.999),  # Limitador rounds up
+            "overshoot": status.overshoot,
+            "reserved": status.reserved,
+        }
+        for status in [*statuses, *later]
+    ]
