@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import pickle
+import resource
 import struct
 import sys
 from collections.abc import Callable
@@ -51,11 +52,28 @@ niced) until it answers. Under SCHED_IDLE it gets no CPU at all while both cores
 service that is saturated must still apply its reloads."""
 
 
+def idle_policy(niceness: int) -> int | None:
+    """SCHED_IDLE where this process may also take a child back out of it (`idle_policy_allowed`),
+    else None: the child only niced. An unprivileged process may leave SCHED_IDLE only within its
+    RLIMIT_NICE (0 by default: not at all), and a child it could not boost would starve reloads."""
+    if IDLE_POLICY is None or not idle_policy_allowed(niceness, os.geteuid(), resource.getrlimit(resource.RLIMIT_NICE)[0]):
+        return None
+    return IDLE_POLICY
+
+
+def idle_policy_allowed(niceness: int, euid: int, nice_limit: int) -> bool:
+    """Whether a process of this user and RLIMIT_NICE soft limit can move a child at `niceness`
+    from SCHED_IDLE back to the normal policy (root can; CAP_SYS_NICE alone is not looked for)."""
+    return euid == 0 or nice_limit == resource.RLIM_INFINITY or nice_limit >= 20 - niceness
+
+
 class ParserProcess:
     """One per service: every file watcher of the service sends its parsing here, one at a time."""
 
     def __init__(self, niceness: int = NICENESS) -> None:
         self.niceness = niceness
+        self.policy = idle_policy(niceness)
+        """The child's policy between boosts (None: only niced)."""
         self._process: asyncio.subprocess.Process | None = None
         self._lock = asyncio.Lock()
 
@@ -74,7 +92,7 @@ class ParserProcess:
         inherited = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, *([inherited] if inherited else [])])}
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", __name__, str(self.niceness),
+            sys.executable, "-m", __name__, str(self.niceness), "idle" if self.policy is not None else "niced",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         )
 
@@ -89,13 +107,20 @@ class ParserProcess:
             try:
                 process.stdin.write(_LENGTH.pack(len(message)) + message)
                 await process.stdin.drain()
-                succeeded, value = await _answer(process)
+                succeeded, value = await _answer(process, self.policy)
             except (asyncio.IncompleteReadError, ConnectionError) as error:
                 self._process = None
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
                 raise ParserProcessDied(f"the parser process died (pid {process.pid}): {error}") from None
+            except BaseException:
+                # Cancelled mid-call: the child would still answer, and the next call would read
+                # that answer as its own. This child is done; the next call starts another.
+                self._process = None
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                raise
         if not succeeded:
             raise value
         return value
@@ -114,18 +139,19 @@ class ParserProcess:
             await process.wait()
 
 
-async def _answer(process: asyncio.subprocess.Process) -> tuple[bool, Any]:
-    """The child's answer to the call just sent, boosting the child if it is long in coming."""
+async def _answer(process: asyncio.subprocess.Process, policy: int | None) -> tuple[bool, Any]:
+    """The child's answer to the call just sent, boosting the child (under `policy`) if it is long
+    in coming."""
     assert process.stdout is not None
     header = asyncio.ensure_future(process.stdout.readexactly(_LENGTH.size))
     try:
-        await asyncio.wait_for(asyncio.shield(header), BOOST_AFTER_SECONDS if IDLE_POLICY is not None else None)
+        await asyncio.wait_for(asyncio.shield(header), BOOST_AFTER_SECONDS if policy is not None else None)
     except TimeoutError:
         _set_policy(process.pid, os.SCHED_OTHER)  # starved, or just a long parse: finish it
         try:
             await header
         finally:
-            _set_policy(process.pid, IDLE_POLICY)
+            _set_policy(process.pid, policy)
     finally:
         header.cancel()  # only when the call itself is cancelled: done otherwise
     (length,) = _LENGTH.unpack(header.result())
@@ -134,11 +160,14 @@ async def _answer(process: asyncio.subprocess.Process) -> tuple[bool, Any]:
 
 
 def _set_policy(pid: int, policy: int | None) -> None:
-    """Best effort: where the policy cannot be set (not Linux, not allowed) the child stays niced."""
     if policy is None:
         return
-    with contextlib.suppress(OSError):
+    try:
         os.sched_setscheduler(pid, policy, os.sched_param(0))
+    except ProcessLookupError:
+        pass  # the child is gone: the call reports it
+    except OSError as error:  # idle_policy said it was allowed; say so rather than starve quietly
+        logger.warning("cannot set the parser process's (pid %d) scheduling policy to %d: %s", pid, policy, error)
 
 
 def _read_message(stream: BinaryIO) -> Any | None:
@@ -157,7 +186,8 @@ def _write_message(stream: BinaryIO, value: Any) -> None:
 
 def main() -> None:
     os.nice(int(sys.argv[1]))
-    _set_policy(0, IDLE_POLICY)
+    if sys.argv[2] == "idle":
+        _set_policy(0, IDLE_POLICY)
     __import__(PRELOADED)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a loader prints must not corrupt the answers
