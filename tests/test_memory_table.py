@@ -206,13 +206,13 @@ async def test_counter_summary_is_the_summary_of_the_listing(hits: list[tuple[in
     """The memory table's summary (a pass for the busiest, which lists only counters busier than
     the top_n found so far, then a pass adding up the rest, both in chunks of rows) equals
     `summarize` over the plain listing: the same busiest counters in the same order, and the same
-    per-limit totals, thresholds and soonest reset of the rest; with windows at different ages,
-    reservations, overshoot and a limit of 0."""
+    per-limit totals, thresholds and soonest reset of the rest; with windows at different ages
+    (some ended), reservations (some lapsed, some outliving their window), overshoot and a limit of 0."""
     limits = [Limit(NS, 10, 60, (), (USER,), name="small"), Limit(NS, 0, 30, (), (USER,), name="closed"),
               Limit(NS, 25, 90, (), (USER, MODEL), name="pair")]
     engine, storage, clock = engine_with(*limits)
     for which, user, amount, reserve in hits:
-        clock.now += 0.25
+        clock.now += 0.25 if amount % 4 else 12.0  # jumps: windows end, reservations lapse
         descriptors = [{"user": f"u{user}", "model": f"m{user % 3}"}]
         limit = limits[which]
         counters = engine.counters_for(NS, descriptors)

@@ -198,7 +198,8 @@ class MemoryStorage(Storage):
         kernel call (each under the lock for a fraction of a millisecond), the event loop free in
         between (paced: ratelimit.pacing): the busiest, then the totals of every other counter.
         Counters that change meanwhile are seen before or after; a busiest counter is added up as
-        the first pass saw it."""
+        the first pass saw it, and a counter that takes over its row between the passes (the row
+        freed meanwhile) is not counted in this summary."""
         pace = Pace()
         wanted, limit_of_no = self._wanted(limits)
         busiest = await self._busiest(wanted, limit_of_no, top_n, pace) if limit_of_no and top_n > 0 else []
@@ -208,7 +209,7 @@ class MemoryStorage(Storage):
         reached = np.zeros((len(thresholds), slots), dtype=np.int64)
         sums = np.zeros((3, slots), dtype=np.int64)  # max_value, used, remaining of the others
         soonest = np.full(slots, np.inf)
-        skipped = np.array(sorted(row for row, _ in busiest), dtype=np.int64)
+        skipped = np.array(sorted(row for row, _, _ in busiest), dtype=np.int64)
         cursor: int | None = 0 if limit_of_no else None
         while cursor is not None:
             result = self._call(kernels.add_up_rows, wanted, self._max_values, threshold_array, skipped, cursor,
@@ -216,9 +217,7 @@ class MemoryStorage(Storage):
             cursor = None if result[1] < 0 else int(result[1])
             await pace.rest()
         counts = others.copy()
-        no_of_limit = {limit: no for no, limit in limit_of_no.items()}
-        for _, status in busiest:
-            no = no_of_limit[status.limit]
+        for _, no, status in busiest:
             counts[no] += 1
             ratio = utilisation(used(status), status.limit.max_value)
             for k, threshold in enumerate(thresholds):
@@ -231,11 +230,12 @@ class MemoryStorage(Storage):
             )
             for no in np.flatnonzero(counts).tolist()
         }
-        return CounterSummary([status for _, status in busiest], summaries)
+        return CounterSummary([status for _, _, status in busiest], summaries)
 
     async def _busiest(self, wanted: np.ndarray, limit_of_no: dict[int, Limit], top_n: int,
-                       pace: Pace) -> list[tuple[int, CounterStatus]]:
-        """(row, status) of the `top_n` live counters using the most, ties in row (listing) order.
+                       pace: Pace) -> list[tuple[int, int, CounterStatus]]:
+        """(row, limit number, status) of the `top_n` live counters using the most, ties in row
+        (listing) order.
         Once top_n are known, the kernel lists only counters using more than the last of them (on
         a tie the earlier counter stays), so most of the table is scanned without copying a row."""
         chunks: list[tuple[np.ndarray, np.ndarray, int]] = []  # listed rows, their key bytes, when read
@@ -258,7 +258,8 @@ class MemoryStorage(Storage):
         busiest = []
         for _, row, chunk, k in candidates:
             listed, key_bytes, now = chunks[chunk]
-            busiest.append((row, _status_at(limit_of_no, listed[k].tolist(), key_bytes, now)))
+            listed_row = listed[k].tolist()
+            busiest.append((row, listed_row[1], _status_at(limit_of_no, listed_row, key_bytes, now)))
             if pace.worked_a_slice():
                 await pace.rest()
         return busiest

@@ -3,8 +3,9 @@
 Quota gauges (the exporter's) need one series per busy counter and totals for the others, over
 hundreds of thousands of counters. `summarize` is the plain definition, over counter statuses (any
 storage: it is what `Storage.counter_summary` does by default, from listing pages). The memory
-storage computes the same summary from its table in numpy, without a Python object per counter,
-so a scrape does not hold the interpreter (and every decision) for seconds.
+storage computes the same summary in its table (a kernel adds the counters up), without a Python
+object per counter but the busiest, so a scrape does not hold the interpreter (and every decision)
+for seconds.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def utilisation(used_amount: int, max_value: int) -> float:
 
 
 def summarize(statuses: Iterable[CounterStatus], top_n: int, thresholds: Sequence[float]) -> CounterSummary:
-    """The summary, by definition (the reference the memory storage's numpy version is tested against)."""
+    """The summary, by definition (the reference the memory storage's version is tested against)."""
     listed = list(statuses)
     order = sorted(range(len(listed)), key=lambda i: -used(listed[i]))  # sorted() is stable: ties in order
     chosen = set(order[:top_n])
