@@ -782,6 +782,17 @@ def _key_contains(
     return False
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _used_if_live(words: np.ndarray, at: int, now: int) -> int:
+    """What a live row uses as admission counts it (its value while its window runs, plus what is
+    reserved), or -1 for a row that is not live (no window running, nothing reserved): listings and
+    summaries see live rows only."""
+    reserved = words[at + RESERVED]
+    if words[at + EXPIRES_AT] > now:
+        return int(words[at + VALUE] + reserved)
+    return int(reserved) if reserved > 0 else -1
+
+
 @njit(cache=True, nogil=True)
 def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, min_used: int, cursor: int, max_scan: int,
               now: int, pid: int, listed: np.ndarray, listed_keys: np.ndarray, out: np.ndarray) -> None:
@@ -804,9 +815,7 @@ def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, min_use
     while row < stop and count < listed.shape[0]:
         at = rows + row * ROW_WIDTH
         limit_no = words[at + LIMIT_NO]
-        if (0 <= limit_no < wanted.shape[0] and wanted[limit_no]
-                and (words[at + EXPIRES_AT] > now or words[at + RESERVED] > 0)
-                and (words[at + VALUE] if words[at + EXPIRES_AT] > now else 0) + words[at + RESERVED] > min_used):
+        if 0 <= limit_no < wanted.shape[0] and wanted[limit_no] and _used_if_live(words, at, now) > min_used:
             length = words[at + KEY] & _LOW32
             if written + key_words(length) + BLOCK_PAYLOAD_WORDS > listed_keys.shape[0]:
                 out[2] = key_words(length) + BLOCK_PAYLOAD_WORDS  # the key buffer is full: continue
@@ -832,14 +841,14 @@ def list_rows(words: np.ndarray, wanted: np.ndarray, needle: np.ndarray, min_use
 @njit(cache=True, nogil=True)
 def add_up_rows(words: np.ndarray, wanted: np.ndarray, max_values: np.ndarray, thresholds: np.ndarray,
                 skipped: np.ndarray, cursor: int, max_scan: int, now: int, pid: int, counts: np.ndarray,
-                reached: np.ndarray, sums: np.ndarray, soonest: np.ndarray, out: np.ndarray) -> None:
+                reached: np.ndarray, others: np.ndarray, sums: np.ndarray, soonest: np.ndarray,
+                out: np.ndarray) -> None:
     """Add the live rows of the wanted limit numbers, from row `cursor` on (at most `max_scan`
-    rows), except the rows in `skipped` (ascending), to per-limit-number totals (a quota summary):
-
-    counts[no] += 1; reached[k, no] += 1 when used / max_value >= thresholds[k] (1.0 for a limit of
-    0); sums[0, no], sums[1, no], sums[2, no] += max_value, used, remaining (max_value - used
-    clamped to [0, max_value]); soonest[no] = min(soonest[no], seconds until the window ends, 0.0
-    when none runs). used is value + reserved, as admission counts it.
+    rows), to per-limit-number totals (a quota summary). Every row: counts[no] += 1, reached[k, no]
+    += 1 when used / max_value >= thresholds[k] (1.0 for a limit of 0). Rows not in `skipped`
+    (ascending; the busiest, which have series of their own) also: others[no] += 1, sums[0, no],
+    sums[1, no], sums[2, no] += max_value, used, remaining (max_value - used clamped to [0,
+    max_value]), soonest[no] = min(soonest[no], seconds until the window ends, 0.0 when none runs).
     out[1] = the cursor to continue from (-1 when the table is done)."""
     if not _enter(words, pid, now, out):
         return
@@ -852,26 +861,25 @@ def add_up_rows(words: np.ndarray, wanted: np.ndarray, max_values: np.ndarray, t
         no = words[at + LIMIT_NO]
         if not (0 <= no < wanted.shape[0] and wanted[no]):
             continue
-        expires = words[at + EXPIRES_AT]
-        reserved = words[at + RESERVED]
-        running = expires > now
-        if not (running or reserved > 0):
+        used = _used_if_live(words, at, now)
+        if used < 0:
             continue
-        while s < skipped.shape[0] and skipped[s] < row:
-            s += 1
-        if s < skipped.shape[0] and skipped[s] == row:
-            continue
-        used = (words[at + VALUE] if running else 0) + reserved
         max_value = max_values[no]
         ratio = used / max_value if max_value > 0 else 1.0
         counts[no] += 1
         for k in range(thresholds.shape[0]):
             if ratio >= thresholds[k]:
                 reached[k, no] += 1
+        while s < skipped.shape[0] and skipped[s] < row:
+            s += 1
+        if s < skipped.shape[0] and skipped[s] == row:
+            continue
+        others[no] += 1
         sums[0, no] += max_value
         sums[1, no] += used
         sums[2, no] += min(max(max_value - used, 0), max_value)
-        soonest[no] = min(soonest[no], (expires - now) / 1000 if running else 0.0)
+        expires = words[at + EXPIRES_AT]
+        soonest[no] = min(soonest[no], (expires - now) / 1000 if expires > now else 0.0)
     out[1] = stop if stop < used_rows else -1
     _unlock(words)
 

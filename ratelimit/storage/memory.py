@@ -29,7 +29,7 @@ from ratelimit.limits import Limit
 from ratelimit.pacing import Pace
 from ratelimit.storage import kernels
 from ratelimit.storage.base import CounterFilter, CounterPage, CounterSet, Storage
-from ratelimit.storage.summary import CounterSummary, LimitSummary, used, utilisation
+from ratelimit.storage.summary import CounterSummary, LimitSummary
 from ratelimit.storage.table import CounterTable, TableStats, warm_up
 
 DEFAULT_CAPACITY = 2_000_000
@@ -196,32 +196,28 @@ class MemoryStorage(Storage):
         """`summarize` over every live counter of `limits`, computed in the table: a Python object
         only for the busiest `top_n` counters. Two passes over the table, LIST_SCAN_ROWS rows per
         kernel call (each under the lock for a fraction of a millisecond), the event loop free in
-        between (paced: ratelimit.pacing): the busiest, then the totals of every other counter.
-        Counters that change meanwhile are seen before or after; a busiest counter is added up as
-        the first pass saw it, and a counter that takes over its row between the passes (the row
-        freed meanwhile) is not counted in this summary."""
+        between (paced: ratelimit.pacing): the busiest, then the totals (of every counter, and of
+        the others). Counters that change meanwhile are seen before or after: a busiest counter's
+        series shows what the first pass saw, and the second counts it as it finds it; a counter
+        that takes over a busiest counter's row between the passes (the row freed meanwhile) is
+        counted but not added up among the others."""
         pace = Pace()
         wanted, limit_of_no = self._wanted(limits)
         busiest = await self._busiest(wanted, limit_of_no, top_n, pace) if limit_of_no and top_n > 0 else []
         slots = self.table.limit_slots
         threshold_array = np.array(thresholds, dtype=np.float64)
-        others = np.zeros(slots, dtype=np.int64)
+        counts = np.zeros(slots, dtype=np.int64)
         reached = np.zeros((len(thresholds), slots), dtype=np.int64)
+        others = np.zeros(slots, dtype=np.int64)
         sums = np.zeros((3, slots), dtype=np.int64)  # max_value, used, remaining of the others
         soonest = np.full(slots, np.inf)
-        skipped = np.array(sorted(row for row, _, _ in busiest), dtype=np.int64)
+        skipped = np.array(sorted(row for row, _ in busiest), dtype=np.int64)
         cursor: int | None = 0 if limit_of_no else None
         while cursor is not None:
             result = self._call(kernels.add_up_rows, wanted, self._max_values, threshold_array, skipped, cursor,
-                                LIST_SCAN_ROWS, self._now_ms(), _pid(), others, reached, sums, soonest)
+                                LIST_SCAN_ROWS, self._now_ms(), _pid(), counts, reached, others, sums, soonest)
             cursor = None if result[1] < 0 else int(result[1])
             await pace.rest()
-        counts = others.copy()
-        for _, no, status in busiest:
-            counts[no] += 1
-            ratio = utilisation(used(status), status.limit.max_value)
-            for k, threshold in enumerate(thresholds):
-                reached[k, no] += ratio >= threshold
         summaries = {
             limit_of_no[no]: LimitSummary(
                 counters=int(counts[no]), at_or_above=[int(r) for r in reached[:, no]], others=int(others[no]),
@@ -230,12 +226,11 @@ class MemoryStorage(Storage):
             )
             for no in np.flatnonzero(counts).tolist()
         }
-        return CounterSummary([status for _, _, status in busiest], summaries)
+        return CounterSummary([status for _, status in busiest], summaries)
 
     async def _busiest(self, wanted: np.ndarray, limit_of_no: dict[int, Limit], top_n: int,
-                       pace: Pace) -> list[tuple[int, int, CounterStatus]]:
-        """(row, limit number, status) of the `top_n` live counters using the most, ties in row
-        (listing) order.
+                       pace: Pace) -> list[tuple[int, CounterStatus]]:
+        """(row, status) of the `top_n` live counters using the most, ties in row (listing) order.
         Once top_n are known, the kernel lists only counters using more than the last of them (on
         a tie the earlier counter stays), so most of the table is scanned without copying a row."""
         chunks: list[tuple[np.ndarray, np.ndarray, int]] = []  # listed rows, their key bytes, when read
@@ -258,8 +253,7 @@ class MemoryStorage(Storage):
         busiest = []
         for _, row, chunk, k in candidates:
             listed, key_bytes, now = chunks[chunk]
-            listed_row = listed[k].tolist()
-            busiest.append((row, listed_row[1], _status_at(limit_of_no, listed_row, key_bytes, now)))
+            busiest.append((row, _status_at(limit_of_no, listed[k].tolist(), key_bytes, now)))
             if pace.worked_a_slice():
                 await pace.rest()
         return busiest

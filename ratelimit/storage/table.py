@@ -308,8 +308,8 @@ def warm_up() -> None:
     k.list_rows(words, np.ones(8, dtype=np.bool_), np.zeros(0, dtype=np.uint8), -1, 0, 8, 1, 1,
                 np.zeros((4, k.LISTED_WIDTH), dtype=np.int64), np.zeros(64, dtype=np.int64), out)
     k.add_up_rows(words, np.ones(8, dtype=np.bool_), max_values, np.ones(1), np.zeros(0, dtype=np.int64), 0, 8, 1, 1,
-                  np.zeros(8, dtype=np.int64), np.zeros((1, 8), dtype=np.int64), np.zeros((3, 8), dtype=np.int64),
-                  np.full(8, np.inf), out)
+                  np.zeros(8, dtype=np.int64), np.zeros((1, 8), dtype=np.int64), np.zeros(8, dtype=np.int64),
+                  np.zeros((3, 8), dtype=np.int64), np.full(8, np.inf), out)
     k.sweep(words, 8, 10_000, 1, out)
     k.lock_holder(words)
     k.steal_lock(words, -1, 1)
