@@ -109,21 +109,23 @@ class ParserProcess:
                 await process.stdin.drain()
                 succeeded, value = await _answer(process, self.policy)
             except (asyncio.IncompleteReadError, ConnectionError) as error:
-                self._process = None
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                self._discard(process)
                 await process.wait()
                 raise ParserProcessDied(f"the parser process died (pid {process.pid}): {error}") from None
             except BaseException:
                 # Cancelled mid-call: the child would still answer, and the next call would read
                 # that answer as its own. This child is done; the next call starts another.
-                self._process = None
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
+                self._discard(process)
                 raise
         if not succeeded:
             raise value
         return value
+
+    def _discard(self, process: asyncio.subprocess.Process) -> None:
+        """This child answers no more calls (the next one starts a new child)."""
+        self._process = None
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
 
     async def stop(self) -> None:
         process, self._process = self._process, None
