@@ -169,8 +169,8 @@ class Scrape:
             time.sleep(max(0.0, min(1.0 - (time.monotonic() - started), until - time.monotonic())))
 
     def details(self) -> dict[str, Any]:
-        median = statistics.median(self.durations) if self.durations else None
-        return {"scrapes": len(self.durations), "scrape_seconds_median": median, "bytes_last": self.bytes_last}
+        return {"scrapes": len(self.durations), "scrape_seconds_median": _median(self.durations),
+                "bytes_last": self.bytes_last}
 
 
 class Reload:
@@ -196,8 +196,11 @@ class Reload:
             self.durations.append(time.monotonic() - started)
 
     def details(self) -> dict[str, Any]:
-        median = statistics.median(self.durations) if self.durations else None
-        return {"reloads": len(self.durations), "applied_after_seconds_median": median}
+        return {"reloads": len(self.durations), "applied_after_seconds_median": _median(self.durations)}
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 SETTLE_SECONDS = 1.0
