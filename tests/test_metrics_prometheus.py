@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,16 @@ import pytest
 from dashboards.generate import external_models, gpu_models, subscriptions
 from dashboards.perses import Dashboard, all_queries
 from dashboards.render import PanelData, Series, table_rows
-from tests.prometheus_fixtures import EXTERNAL, LimitadorEmitter, PrometheusProcess, all_values, catalog_exporter
+from tests.prometheus_fixtures import (
+    EXTERNAL,
+    LimitadorEmitter,
+    PrometheusProcess,
+    all_values,
+    catalog_exporter,
+    require_prometheus,
+    running_prometheus,
+)
+from tests.service_fixtures import ServiceProcess
 from tests.support import wait_until
 
 # The seed's "MaaS External Models" queries, verbatim but for its demo namespace's route names.
@@ -145,3 +155,36 @@ def test_catalog_places_the_routes_it_lists(start_prometheus, tmp_path: Path) ->
             assert routes_of(prometheus, gpu, key) == {"maas-demo/qwen3-8b-kserve-route", "maas-demo/granite"}, key
         assert {"maas-demo/qwen3-14b", "maas-demo/maas-gpt-4o"} <= variable_values(prometheus, external, "namespace")
         assert variable_values(prometheus, gpu, "model") == {"qwen3-8b", "granite"}
+
+
+def test_quota_of_more_counters_than_get_series_adds_up_on_real_prometheus(
+    tmp_path: Path, start_service: Callable[..., ServiceProcess]
+) -> None:
+    """600 counters, of which the 500 busiest get series of their own (the memory table's summary:
+    a pass for the busiest, a kernel adding up the rest): Prometheus, parsing the real service's
+    exposition, sees the other 100 summed into one `__other__` series, so sums over every series
+    are the table's totals, and the counts by share used cover all 600."""
+    require_prometheus()
+    limits = tmp_path / "limits.yaml"
+    limits.write_text("- {namespace: quota, name: per-user, max_value: 1000, seconds: 3600,"
+                      " variables: [\"descriptors[0]['user']\"]}\n")
+    service = start_service(limits, "--quota-metrics")
+    for i in range(600):  # user i has used i + 1 of 1000
+        service.http.post("/report", json={"namespace": "quota", "values": {"user": f"u{i}"}, "delta": i + 1})
+    with running_prometheus({"ratelimit": [f"127.0.0.1:{service.http_port}"]}) as prometheus:
+        wait_until(lambda: prometheus.query('ratelimit_quota_used{counter="__other__"}'), timeout=60, interval=0.5,
+                   what="the quota series")
+
+        def value(query: str) -> float:
+            [answer] = prometheus.query(query)
+            return float(answer["value"][1])
+
+        assert value('count(ratelimit_quota_used{limit_name="per-user", counter!="__other__"})') == 500
+        assert value('min(ratelimit_quota_used{limit_name="per-user", counter!="__other__"})') == 101
+        assert value('ratelimit_quota_used{counter="__other__"}') == sum(range(1, 101))
+        assert value('ratelimit_quota_limit{counter="__other__"}') == 100 * 1000
+        assert value('ratelimit_quota_remaining{counter="__other__"}') == sum(1000 - used for used in range(1, 101))
+        assert value('sum(ratelimit_quota_used{limit_name="per-user"})') == sum(range(1, 601))
+        assert value('ratelimit_quota_counters{limit_name="per-user"}') == 600
+        assert value('ratelimit_quota_counters_at_or_above{limit_name="per-user", threshold="0.5"}') == 101
+        assert 3500 < value('ratelimit_quota_reset_seconds{counter="__other__"}') <= 3600
