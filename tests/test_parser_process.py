@@ -7,11 +7,14 @@ import asyncio
 import operator
 import os
 import resource
+import subprocess
+import sys
 import time
 
 import pytest
 
 from ratelimit.sources import parser_process
+from ratelimit.sources.limits_file import load_limits_file_contents
 from ratelimit.sources.parser_process import NICENESS, ParserProcess, idle_policy, idle_policy_allowed
 
 idle_scheduling = pytest.mark.skipif(idle_policy(NICENESS) is None,
@@ -78,4 +81,29 @@ async def test_a_cancelled_call_never_hands_its_answer_to_the_next_call() -> Non
         assert await parser.call(operator.add, 1, 2) == 3
         assert parser.pid != first
     finally:
+        await parser.stop()
+
+
+def _limits_file(count: int) -> dict[str, bytes]:
+    text = "".join(f"- {{namespace: ns-{i % 50}, name: limit-{i}, max_value: {100 + i}, seconds: 60,"
+                   f" conditions: [\"descriptors[0]['tier'] == 't{i}'\"], variables: [\"descriptors[0]['user']\"]}}\n"
+                   for i in range(count))
+    return {"limits.yaml": text.encode()}
+
+
+@idle_scheduling
+async def test_a_reload_is_parsed_while_every_core_is_busy() -> None:
+    """The fault SCHED_IDLE invites: a service saturating every core. Under SCHED_IDLE alone the
+    child would get next to no CPU (a 2,000-limit parse took minutes); boosted after
+    BOOST_AFTER_SECONDS it parses at its niced share, and the reload is applied within seconds."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    parser = ParserProcess()
+    try:
+        await parser.call(time.sleep, 0)  # started before the cores are taken
+        limits = await asyncio.wait_for(parser.call(load_limits_file_contents, _limits_file(2000)), timeout=60)
+        assert len(limits) == 2000
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
         await parser.stop()
